@@ -1,0 +1,23 @@
+"""bincount: count the items in warehouse bin photos.
+
+The library behind ``flows/bin_flow.py``. Each module is one concern and can be
+used without Metaflow:
+
+    sources    where the data comes from (public bucket, S3-compatible, folder)
+    synthetic  generated bin-like images in the bucket layout
+    fetch      choosing and downloading a class-balanced subset
+    split      stratified train/validation/test split
+    images     how photos become tensors
+    models     which network
+    train      how it trains
+    metrics    how it is scored
+    inference  the one inference handler (SageMaker PyTorch serving contract)
+    package    model.tar.gz as SageMaker expects it
+    serve      the local HTTP endpoint
+    deploy     starting, checking and stopping an endpoint
+    runs       reading runs back through the Metaflow Client
+"""
+
+__version__ = "0.1.0"
+
+FLOW_NAME = "BinCountFlow"

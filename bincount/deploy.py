@@ -1,0 +1,121 @@
+"""Starting, checking and stopping an endpoint for a packaged model.
+
+The ``local`` target extracts model.tar.gz, starts ``bincount.serve`` from it
+in a subprocess (its ``code/`` first on the import path, as SageMaker would),
+sends it test images over HTTP, checks its answers against in-process
+predictions and records latency, then stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bincount.package import extract_package
+
+STARTUP_TIMEOUT_S = 120
+REQUEST_TIMEOUT_S = 30
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def invoke(url: str, raw: bytes, content_type: str = "image/jpeg", timeout: float = REQUEST_TIMEOUT_S) -> dict:
+    """POST one image to ``url``/invocations; raise EndpointError with the server's message."""
+    import requests
+
+    try:
+        response = requests.post(f"{url}/invocations", data=raw, timeout=timeout,
+                                 headers={"Content-Type": content_type, "Accept": "application/json"})
+    except requests.RequestException as e:
+        raise EndpointError(f"endpoint {url} did not answer: {e}") from e
+    if response.status_code != 200:
+        raise EndpointError(f"endpoint {url} answered {response.status_code}: {response.text[:500]}")
+    return response.json()
+
+
+@dataclass
+class LocalEndpoint:
+    url: str
+    process: subprocess.Popen
+    model_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start_local_endpoint(package: bytes, *, port: int | None = None, workdir: str | Path | None = None,
+                         timeout: float = STARTUP_TIMEOUT_S) -> LocalEndpoint:
+    """Extract ``package`` and serve it on 127.0.0.1; return once /ping answers."""
+    import requests
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="bincount-endpoint-"))
+    model_dir = extract_package(package, workdir / "model")
+    port = port or free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(model_dir / "code"), os.environ.get("PYTHONPATH", "")]))
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bincount.serve", "--model-dir", str(model_dir), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    endpoint = LocalEndpoint(f"http://127.0.0.1:{port}", process, model_dir, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EndpointError(f"the endpoint exited with code {process.returncode}:\n{endpoint.log()[-2000:]}")
+        try:
+            if requests.get(f"{endpoint.url}/ping", timeout=2).status_code == 200:
+                return endpoint
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    endpoint.stop()
+    raise EndpointError(f"the endpoint did not answer /ping within {timeout:.0f} s:\n{endpoint.log()[-2000:]}")
+
+
+def smoke_test(url: str, images: dict[str, bytes], expected: dict[str, dict]) -> dict:
+    """Send each image over HTTP; compare counts with ``expected``; time each request."""
+    import numpy as np
+
+    latencies, mismatches = [], []
+    for bin_id, raw in images.items():
+        t0 = time.perf_counter()
+        answer = invoke(url, raw)["predictions"][0]
+        latencies.append((time.perf_counter() - t0) * 1000)
+        want = expected[bin_id]
+        close = all(abs(answer["probabilities"][k] - v) < 1e-3 for k, v in want["probabilities"].items())
+        if answer["count"] != want["count"] or not close:
+            mismatches.append({"id": bin_id, "endpoint": answer, "in_process": want})
+    return {"requests": len(latencies), "mismatches": mismatches,
+            "latency_ms_p50": float(np.percentile(latencies, 50)),
+            "latency_ms_p95": float(np.percentile(latencies, 95)),
+            "latency_ms_mean": float(np.mean(latencies))}

@@ -1,0 +1,155 @@
+"""The one inference handler, in the SageMaker PyTorch serving contract.
+
+``model_fn``, ``input_fn``, ``predict_fn`` and ``output_fn`` are what
+SageMaker's PyTorch container calls; the local endpoint (bincount.serve), the
+flow's evaluate step and ``bincount predict`` call the same functions, so an
+answer never depends on where the model runs.
+
+A model folder holds ``model.pt`` (a plain state_dict, loaded with
+``weights_only=True`` so no pickled code runs) and ``model.json`` (architecture,
+classes, image size, run id).
+
+Requests: one image (``image/jpeg``, ``image/png``, ``application/x-image``), or
+``application/json`` ``{"instances": [{"b64": "..."}, ...]}`` (a bare list of
+base64 strings also works). Response: ``{"predictions": [{"count", "probabilities",
+"run_id"}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_TYPES = {"image/jpeg", "image/png", "application/x-image"}
+JSON_TYPE = "application/json"
+# Far above a bin photo (about 480x430), far below what exhausts memory.
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_BATCH = 64
+
+
+class RequestError(ValueError):
+    """A bad request: the message says what was wrong; ``status`` is its HTTP code."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Predictor:
+    model: object
+    meta: dict
+    device: str
+
+    @property
+    def classes(self) -> list[int]:
+        return self.meta["classes"]
+
+    def predict_bytes(self, raws: list[bytes], batch_size: int = 32) -> list[dict]:
+        """Counts and per-count probabilities for encoded images."""
+        import torch
+
+        from bincount.images import decode, normalizer
+        from bincount.models import get_arch
+
+        arch = get_arch(self.meta["arch"])
+        norm = normalizer(arch.mean, arch.std)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(raws), batch_size):
+                batch = torch.stack([decode(r, self.meta["image_size"]) for r in raws[start:start + batch_size]])
+                logits = self.model(norm(batch).to(self.device).contiguous(memory_format=torch.channels_last))
+                for p in torch.softmax(logits.float(), 1).cpu().tolist():
+                    best = max(range(len(p)), key=p.__getitem__)
+                    out.append({"count": self.classes[best],
+                                "probabilities": {str(c): round(q, 6) for c, q in zip(self.classes, p)},
+                                "run_id": self.meta.get("run_id")})
+        return out
+
+
+def load_predictor(state_dict: bytes | str | Path, meta: dict, device: str | None = None) -> Predictor:
+    import torch
+
+    from bincount.models import create_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = io.BytesIO(state_dict) if isinstance(state_dict, bytes) else state_dict
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    model = create_model(meta["arch"], num_classes=len(meta["classes"]), pretrained=False,
+                         image_size=meta["image_size"])
+    model.load_state_dict(state)
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    return Predictor(model=model, meta=meta, device=device)
+
+
+# --- SageMaker PyTorch serving contract -------------------------------------
+
+def model_fn(model_dir: str) -> Predictor:
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    return load_predictor(model_dir / "model.pt", meta)
+
+
+def _checked_image(raw: bytes, what: str) -> bytes:
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:
+                image.load()
+    except UnidentifiedImageError:
+        raise RequestError(f"{what} is not an image (JPEG or PNG expected)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(f"{what} has too many pixels (limit {MAX_IMAGE_PIXELS})", 413) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RequestError(f"{what} could not be decoded: {e}") from None
+    return raw
+
+
+def input_fn(request_body: bytes, request_content_type: str) -> list[bytes]:
+    content_type = (request_content_type or "").split(";")[0].strip().lower()
+    if isinstance(request_body, str):
+        request_body = request_body.encode()
+    if content_type in IMAGE_TYPES:
+        return [_checked_image(request_body, "the request body")]
+    if content_type != JSON_TYPE:
+        raise RequestError(f"unsupported content type {request_content_type!r}; send one of "
+                           f"{sorted(IMAGE_TYPES | {JSON_TYPE})}", 415)
+    try:
+        payload = json.loads(request_body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"malformed JSON: {e}") from None
+    instances = payload.get("instances") if isinstance(payload, dict) else payload
+    if not isinstance(instances, list) or not instances:
+        raise RequestError('expected {"instances": [{"b64": "<base64 image>"}, ...]} with at least one image')
+    if len(instances) > MAX_BATCH:
+        raise RequestError(f"at most {MAX_BATCH} images per request, got {len(instances)}", 413)
+    images = []
+    for i, item in enumerate(instances):
+        encoded = item.get("b64") if isinstance(item, dict) else item
+        if not isinstance(encoded, str):
+            raise RequestError(f"instance {i}: expected a base64 string or {{\"b64\": ...}}")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"instance {i}: not valid base64") from None
+        images.append(_checked_image(raw, f"instance {i}"))
+    return images
+
+
+def predict_fn(input_data: list[bytes], model: Predictor) -> list[dict]:
+    return model.predict_bytes(input_data)
+
+
+def output_fn(prediction: list[dict], accept: str = JSON_TYPE) -> str:
+    accept = (accept or JSON_TYPE).split(";")[0].strip().lower()
+    if accept not in {JSON_TYPE, "*/*"}:
+        raise RequestError(f"can only answer {JSON_TYPE}, not {accept!r}", 406)
+    return json.dumps({"predictions": prediction})

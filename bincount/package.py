@@ -1,0 +1,52 @@
+"""model.tar.gz, laid out the way SageMaker's PyTorch container expects it::
+
+    model.pt                  the weights (a plain state_dict)
+    model.json                architecture, classes, image size, run id
+    code/inference.py         the handler: re-exports bincount.inference
+    code/bincount/...         this library, so the handler needs nothing else
+    code/requirements.txt     what the container must pip-install
+
+The local endpoint serves from the same extracted package, with ``code/`` first
+on the import path, so it runs exactly the code a SageMaker endpoint would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import bincount
+
+HANDLER = "from bincount.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401\n"
+REQUIREMENTS = "efficientnet-lite-pytorch==0.1.0\ntorchvision\npillow\ntqdm\n"
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_package(state_dict: bytes, meta: dict) -> bytes:
+    """The model.tar.gz bytes for a model's weights and metadata."""
+    buf = io.BytesIO()
+    library = Path(bincount.__file__).parent
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        _add_bytes(tar, "model.pt", state_dict)
+        _add_bytes(tar, "model.json", json.dumps(meta, indent=2).encode())
+        _add_bytes(tar, "code/inference.py", HANDLER.encode())
+        _add_bytes(tar, "code/requirements.txt", REQUIREMENTS.encode())
+        for path in sorted(library.glob("*.py")):
+            _add_bytes(tar, f"code/bincount/{path.name}", path.read_bytes())
+    return buf.getvalue()
+
+
+def extract_package(package: bytes, model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(package), mode="r:gz") as tar:
+        tar.extractall(model_dir, filter="data")  # 'data' refuses absolute paths and links out
+    return model_dir

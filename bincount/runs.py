@@ -1,0 +1,41 @@
+"""Reading runs back through the Metaflow Client."""
+
+from __future__ import annotations
+
+from bincount import FLOW_NAME
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+def get_run(run_id: str | None = None, flow: str = FLOW_NAME):
+    """A run by id, or the latest successful one (any user's)."""
+    from metaflow import Flow, Run, namespace
+    from metaflow.exception import MetaflowNotFound
+
+    namespace(None)
+    try:
+        if run_id:
+            return Run(f"{flow}/{run_id}")
+        run = Flow(flow).latest_successful_run
+    except MetaflowNotFound as e:
+        raise RunNotFound(f"no {flow} run {run_id or '(any successful)'} in this datastore: {e}") from None
+    if run is None:
+        raise RunNotFound(f"no successful {flow} run yet: run `python flows/bin_flow.py run` first")
+    return run
+
+
+def model_of(run) -> tuple[bytes, dict]:
+    """The chosen model's weights (state_dict bytes) and metadata."""
+    data = run.data
+    if "model_state" not in data:
+        raise RunNotFound(f"run {run.pathspec} has no chosen model (did it get past join?)")
+    return data.model_state, data.model_meta
+
+
+def predictor_of(run):
+    from bincount.inference import load_predictor
+
+    state, meta = model_of(run)
+    return load_predictor(state, meta)

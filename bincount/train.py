@@ -1,0 +1,207 @@
+"""How a model trains: one grid point, start to finish.
+
+Photos arrive already decoded to uint8 tensors (see bincount.images), so an
+epoch costs only augmentation and the network. The weights of the epoch with
+the best validation accuracy are kept (ties: lower validation loss), which is
+early stopping without a patience knob to tune.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from bincount.grid import TrainConfig
+from bincount.images import normalizer, train_augment
+from bincount.models import create_model, get_arch
+
+# Set to a grid point's name to make that branch fail after its first epoch:
+# how the test suite exercises `resume`. Never set in normal use.
+FAIL_ENV = "BINCOUNT_FAIL_TRAIN"
+LOCK_PATH = os.path.join(tempfile.gettempdir(), "bincount-train.lock")
+
+
+@contextmanager
+def machine_lock(path: str = LOCK_PATH):
+    """Let one training run at a time use this machine's cores or GPU.
+
+    Metaflow runs foreach branches of a local run in parallel; two trainings
+    on one CPU each start a thread per core and thrash each other (measured
+    here: 6 images/s each instead of about 150 for one alone). On Batch or
+    Kubernetes every branch has its own machine and the lock is never contended.
+    """
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class TrainResult:
+    config: dict
+    state_dict: bytes  # torch.save of the best epoch's state_dict; load with weights_only=True
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    val_accuracy: float = 0.0
+    val_loss: float = math.inf
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    device: str = "cpu"
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast_dtype(precision: str, device: str):
+    """bf16 where the hardware does it natively (doubles CPU throughput there)."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+
+
+def _batches(n: int, batch_size: int, generator=None):
+    import torch
+
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def evaluate_tensors(model, x, y, *, mean, std, batch_size: int, device: str, dtype=None):
+    """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x``."""
+    import torch
+
+    norm = normalizer(mean, std)
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for idx in _batches(len(x), batch_size):
+            inputs = norm(x[idx]).to(device).contiguous(memory_format=torch.channels_last)
+            logits = model(inputs).float()
+            targets = y[idx].to(device)
+            loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            correct += (logits.argmax(1) == targets).sum().item()
+    return loss_sum / max(len(x), 1), correct / max(len(x), 1)
+
+
+def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean, std, device, dtype,
+                    generator, progress: bool, epoch: int):
+    import torch
+    from bincount.progress import progress_bar
+
+    augment, norm = train_augment(), normalizer(mean, std)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    steps = math.ceil(len(x) / cfg.batch_size)
+    bar = progress_bar(_batches(len(x), cfg.batch_size, generator), total=steps, disable=not progress,
+               desc=f"{cfg.name} epoch {epoch}", unit=" batch", leave=False)
+    for idx in bar:
+        # Per-image augmentation: v2 transforms treat a batch as one image.
+        batch = torch.stack([augment(img) for img in x[idx]])
+        inputs = norm(batch).to(device).contiguous(memory_format=torch.channels_last)
+        targets = y[idx].to(device)
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(inputs)
+        loss = criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+    return loss_sum / seen, correct / seen
+
+
+def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes: int, seed: int = 0,
+                device: str | None = None, progress: bool = True) -> TrainResult:
+    """Train one grid point; return the best epoch's weights and every epoch's curves."""
+    import torch
+
+    torch.manual_seed(seed)
+    device = device or pick_device()
+    arch = get_arch(cfg.arch)
+    dtype = autocast_dtype(cfg.precision, device)
+    model = create_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained,
+                         freeze_backbone=cfg.freeze_backbone, image_size=cfg.image_size)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+        pct_start=cfg.warmup_fraction, anneal_strategy="cos")
+    generator = torch.Generator().manual_seed(seed)
+
+    result = TrainResult(config=cfg.as_dict(), state_dict=b"", device=device)
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(
+            model, optimizer, scheduler, train_x, train_y, cfg=cfg, mean=arch.mean, std=arch.std,
+            device=device, dtype=dtype, generator=generator, progress=progress, epoch=epoch)
+        train_time = time.perf_counter() - t0
+        val_loss, val_acc = evaluate_tensors(model, val_x, val_y, mean=arch.mean, std=arch.std,
+                                             batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+               "val_loss": val_loss, "val_accuracy": val_acc, "epoch_seconds": time.perf_counter() - t0,
+               "train_images_per_second": len(train_x) / train_time, "lr": scheduler.get_last_lr()[0]}
+        result.history.append(row)
+        print(f"{cfg.name} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.3f} acc {train_acc:.3f} | "
+              f"val loss {val_loss:.3f} acc {val_acc:.3f} | {row['train_images_per_second']:.1f} img/s")
+        if (val_acc, -val_loss) > (result.val_accuracy, -result.val_loss) or not result.state_dict:
+            result.best_epoch, result.val_accuracy, result.val_loss = epoch, val_acc, val_loss
+            result.state_dict = state_dict_bytes(model)
+        if os.environ.get(FAIL_ENV) == cfg.name:
+            raise RuntimeError(f"{FAIL_ENV}={cfg.name}: failing on purpose after epoch {epoch}")
+    result.train_seconds = time.perf_counter() - started
+    result.images_per_second = cfg.epochs * len(train_x) / result.train_seconds
+    return result
+
+
+def state_dict_bytes(model) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def train_on_split(cfg: TrainConfig, images: dict[str, bytes], split_table, classes: list[int], *,
+                   seed: int = 0, progress: bool = True) -> TrainResult:
+    """Decode the train and validation photos once, then train one grid point."""
+    import torch
+
+    from bincount.images import decode_all
+
+    def tensors(split: str):
+        rows = split_table[split_table["split"] == split]
+        x = decode_all((images[i] for i in rows["id"]), cfg.image_size, progress=progress, desc=f"decoding {split}")
+        y = torch.tensor([classes.index(label) for label in rows["label"]], dtype=torch.long)
+        return x, y
+
+    train_x, train_y = tensors("train")
+    val_x, val_y = tensors("val")
+    with machine_lock():
+        return train_model(cfg, train_x, train_y, val_x, val_y, num_classes=len(classes), seed=seed,
+                           progress=progress)

@@ -1,0 +1,174 @@
+"""Train, evaluate and deploy a model that counts the items in bin photos.
+
+    start -> fetch_subset -> split -> train (foreach grid point) -> join
+          -> evaluate -> deploy -> end
+
+Every step is a few lines that call the bincount library; all data moves
+between steps as artifacts, so any step can run on another machine. Heavy
+libraries (torch) are imported inside steps: each task is a new process that
+re-imports this file.
+
+    python flows/bin_flow.py run --source ../shared/abid-sample
+    python flows/bin_flow.py run --source synthetic --config grid flows/grids/tiny.json
+    python flows/bin_flow.py resume
+"""
+
+import os
+
+from metaflow import Config, FlowSpec, Parameter, current, step
+
+DEFAULT_GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids", "default.json")
+DEPLOY_TARGETS = ("local", "none")
+SMOKE_TEST_IMAGES = 16
+
+
+class BinCountFlow(FlowSpec):
+    source = Parameter(
+        "source", default="s3://aft-vbi-pds",
+        help="Where the bins come from: the public bucket (default, anonymous), any s3:// URL "
+             "(an S3-compatible server via AWS_ENDPOINT_URL), a local folder in the bucket layout "
+             "(bin-images/<id>.jpg, metadata/<id>.json), or 'synthetic' (generated, offline).")
+    file_list = Parameter(
+        "file-list", default="",
+        help="Use exactly these bins: a JSON file in the Udacity file_list.json format "
+             "({\"1\": [\"metadata/<id>.json\", ...], ...}). Without it, bins are sampled per class.")
+    per_class = Parameter("per-class", default=200, type=int,
+                          help="Bins per class when there is no file list.")
+    classes = Parameter("classes", default="1-5", help="Counts to learn: 1-5, or 0-5 to include empty bins.")
+    seed = Parameter("seed", default=0, type=int, help="Seeds the subset, the split and training.")
+    val_fraction = Parameter("val-fraction", default=0.15, type=float, help="Share of bins for validation.")
+    test_fraction = Parameter("test-fraction", default=0.15, type=float, help="Share of bins for the test.")
+    workers = Parameter("workers", default=32, type=int, help="Parallel downloads in fetch_subset.")
+    deploy_target = Parameter("deploy-target", default="local",
+                              help="local: package the model and check it behind a local endpoint; "
+                                   "none: skip deployment.")
+    grid = Config("grid", default=DEFAULT_GRID,
+                  help="Hyperparameter grid (JSON): {\"defaults\": {...}, \"points\": [{...}, ...]}.")
+
+    @step
+    def start(self):
+        """Validate every option before any download or training starts."""
+        from bincount.fetch import parse_classes
+        from bincount.grid import expand_grid
+
+        if self.deploy_target not in DEPLOY_TARGETS:
+            raise ValueError(f"--deploy-target {self.deploy_target!r}: choose one of {DEPLOY_TARGETS}")
+        self.class_list = parse_classes(self.classes)
+        self.grid_points = [c.as_dict() for c in expand_grid(self.grid.to_dict())]
+        self.next(self.fetch_subset)
+
+    @step
+    def fetch_subset(self):
+        """Choose and download a class-balanced subset; record what was skipped and why."""
+        from bincount.fetch import fetch_subset, read_file_list
+        from bincount.sources import open_source
+
+        source = open_source(self.source, classes=self.class_list, seed=self.seed,
+                             max_pool_connections=self.workers, synthetic_per_class=self.per_class)
+        subset = fetch_subset(source, classes=self.class_list,
+                              per_class=None if self.file_list else self.per_class,
+                              candidate_ids=read_file_list(self.file_list) if self.file_list else None,
+                              seed=self.seed, workers=self.workers)
+        if not subset.ids:
+            raise RuntimeError(f"no usable bins in {self.source} for classes {self.classes}")
+        self.images = subset.images  # id -> JPEG bytes: the data reaches later steps as an artifact
+        self.subset = subset.table()
+        self.skipped = subset.skipped_table()
+        self.class_counts = subset.class_counts()
+        print(f"kept {len(subset.ids)} bins {self.class_counts}; skipped {len(self.skipped)}")
+        self.next(self.split)
+
+    @step
+    def split(self):
+        """Stratified, seeded train/val/test split."""
+        from bincount.split import split_counts, split_ids
+
+        self.split_table = split_ids(self.subset["id"].tolist(), self.subset["label"].tolist(),
+                                     val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                                     seed=self.seed)
+        self.split_counts = split_counts(self.split_table)
+        print(self.split_counts)
+        self.next(self.train, foreach="grid_points")
+
+    @step
+    def train(self):
+        """Train one grid point; keep its curves, scores and best weights."""
+        from dataclasses import asdict
+
+        from bincount.grid import TrainConfig
+        from bincount.train import train_on_split
+
+        result = train_on_split(TrainConfig(**self.input), self.images, self.split_table, self.class_list,
+                                seed=self.seed)
+        self.history = result.history
+        self.scores = {k: v for k, v in asdict(result).items() if k not in {"state_dict", "history"}}
+        self.state_dict = result.state_dict
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        """Keep the best grid point by validation accuracy, and a table of all of them."""
+        from bincount.selection import choose_best, results_table
+        from bincount.train import TrainResult
+
+        results = [TrainResult(**inp.scores, state_dict=inp.state_dict, history=inp.history) for inp in inputs]
+        self.grid_results = results_table(results)
+        self.grid_histories = {r.config["name"]: r.history for r in results}
+        best = choose_best(results)
+        self.chosen = best.config["name"]
+        self.model_state = best.state_dict
+        self.model_meta = {"arch": best.config["arch"], "image_size": best.config["image_size"],
+                           "grid_point": self.chosen, "val_accuracy": best.val_accuracy,
+                           "flow": current.flow_name, "run_id": current.run_id}
+        self.merge_artifacts(inputs, include=["images", "split_table", "class_list", "subset"])
+        self.model_meta["classes"] = self.class_list
+        print(self.grid_results[["name", "val_accuracy", "val_loss", "best_epoch"]].to_string(index=False))
+        self.next(self.evaluate)
+
+    @step
+    def evaluate(self):
+        """Score the chosen model on the test split with the same handler the endpoint uses."""
+        from bincount.inference import load_predictor
+        from bincount.metrics import count_metrics
+
+        test = self.split_table[self.split_table["split"] == "test"]
+        predictor = load_predictor(self.model_state, self.model_meta)
+        predictions = predictor.predict_bytes([self.images[i] for i in test["id"]])
+        self.test_predictions = dict(zip(test["id"], predictions))
+        self.test_metrics = count_metrics(test["label"].tolist(), [p["count"] for p in predictions],
+                                          self.class_list)
+        print(f"test accuracy {self.test_metrics['accuracy']:.3f}, RMSE {self.test_metrics['rmse']:.3f}, "
+              f"MAE {self.test_metrics['mae']:.3f} on {self.test_metrics['n']} bins")
+        self.next(self.deploy)
+
+    @step
+    def deploy(self):
+        """Package the model as SageMaker expects; check it behind a local endpoint."""
+        import hashlib
+
+        from bincount.deploy import EndpointError, smoke_test, start_local_endpoint
+        from bincount.package import build_package
+
+        self.deployment = {"target": self.deploy_target}
+        if self.deploy_target == "local":
+            self.model_package = build_package(self.model_state, self.model_meta)
+            ids = list(self.test_predictions)[:SMOKE_TEST_IMAGES]
+            with start_local_endpoint(self.model_package) as endpoint:
+                report = smoke_test(endpoint.url, {i: self.images[i] for i in ids},
+                                    {i: self.test_predictions[i] for i in ids})
+            self.deployment.update(url=endpoint.url, package_sha256=hashlib.sha256(self.model_package).hexdigest(),
+                                   package_bytes=len(self.model_package), smoke_test=report)
+            if report["mismatches"]:
+                raise EndpointError(f"the endpoint disagreed with in-process predictions: {report['mismatches'][:3]}")
+            print(f"local endpoint answered {report['requests']} requests like in-process; "
+                  f"p50 {report['latency_ms_p50']:.1f} ms")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print(f"run {current.run_id}: chose {self.chosen}, test accuracy {self.test_metrics['accuracy']:.3f}; "
+              f"serve it with `bincount serve --run {current.run_id}`")
+
+
+if __name__ == "__main__":
+    BinCountFlow()
