@@ -44,6 +44,11 @@ def parse_classes(spec: str) -> list[int]:
     return classes
 
 
+def describe_classes(classes: list[int]) -> str:
+    contiguous = classes == list(range(classes[0], classes[-1] + 1))
+    return f"{classes[0]}-{classes[-1]}" if contiguous else ",".join(map(str, classes))
+
+
 def read_file_list(path: str | Path) -> list[str]:
     """Bin ids from a Udacity ``file_list.json`` ({"1": ["metadata/<id>.json", ...], ...})."""
     with open(path) as f:
@@ -125,6 +130,19 @@ def _read_image(source: Source, bin_id: str) -> tuple[bytes, tuple[int, int]] | 
         return str(e)
 
 
+def _take(usable: list[tuple[str, int]], need: dict[int, int]):
+    """Split ``usable`` into the first ``need[c]`` bins of each class and the rest."""
+    taken = dict.fromkeys(need, 0)
+    chosen, rest = [], []
+    for bin_id, label in usable:
+        if taken[label] < need[label]:
+            taken[label] += 1
+            chosen.append((bin_id, label))
+        else:
+            rest.append((bin_id, label))
+    return chosen, rest
+
+
 def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
                  candidate_ids: list[str] | None = None, seed: int = 0,
                  workers: int = DEFAULT_WORKERS, progress: bool = True) -> Subset:
@@ -147,35 +165,38 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
     wanted = set(classes)
     need = {c: per_class if per_class is not None else len(candidates) for c in classes}
     subset = Subset()
-    bar = progress_bar(total=sum(need.values()) if per_class is not None else len(candidates),
-               desc="fetching", unit=" img", disable=not progress)
+    bar = progress_bar(total=min(sum(need.values()), len(candidates)), desc="fetching", unit=" img",
+                       disable=not progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(candidates), CHUNK):
             if not any(need.values()):
                 break
             chunk = candidates[start:start + CHUNK]
-            chosen: list[tuple[str, int]] = []
+            usable: list[tuple[str, int]] = []
             for bin_id, label in zip(chunk, pool.map(lambda i: _read_label(source, i), chunk)):
                 if isinstance(label, str):
                     subset.skipped.append((bin_id, label))
                 elif label not in wanted:
-                    subset.skipped.append((bin_id, f"label {label} outside classes {classes[0]}-{classes[-1]}"))
-                elif need[label] > 0:
+                    subset.skipped.append((bin_id, f"label {label} outside classes {describe_classes(classes)}"))
+                else:
+                    usable.append((bin_id, label))
+            # Download only what the classes still need; when a photo turns out
+            # bad, the next usable bin of its class in this chunk takes its place.
+            while usable and any(need.values()):
+                chosen, usable = _take(usable, need)
+                if not chosen:
+                    break
+                for (bin_id, label), got in zip(chosen, pool.map(lambda c: _read_image(source, c[0]), chosen)):
+                    if isinstance(got, str):
+                        subset.skipped.append((bin_id, got))
+                        continue
                     need[label] -= 1
-                    chosen.append((bin_id, label))
-            for (bin_id, label), got in zip(chosen, pool.map(lambda c: _read_image(source, c[0]), chosen)):
-                if isinstance(got, str):
-                    subset.skipped.append((bin_id, got))
-                    need[label] += 1  # a later candidate of this class takes its place
-                    continue
-                raw, size = got
-                subset.ids.append(bin_id)
-                subset.labels.append(label)
-                subset.sizes.append(size)
-                subset.images[bin_id] = raw
-                bar.update(1)
-            if per_class is None:
-                bar.update(len(chunk) - len(chosen))
+                    raw, size = got
+                    subset.ids.append(bin_id)
+                    subset.labels.append(label)
+                    subset.sizes.append(size)
+                    subset.images[bin_id] = raw
+                    bar.update(1)
     bar.close()
     short = {c: n for c, n in need.items() if per_class is not None and n > 0}
     if short and progress:

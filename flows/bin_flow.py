@@ -120,7 +120,8 @@ class BinCountFlow(FlowSpec):
         self.model_meta = {"arch": best.config["arch"], "image_size": best.config["image_size"],
                            "grid_point": self.chosen, "val_accuracy": best.val_accuracy,
                            "flow": current.flow_name, "run_id": current.run_id}
-        self.merge_artifacts(inputs, include=["images", "split_table", "class_list", "subset"])
+        # Everything from before the foreach is the same in every branch; carry it on.
+        self.merge_artifacts(inputs, exclude=["history", "scores", "state_dict"])
         self.model_meta["classes"] = self.class_list
         print(self.grid_results[["name", "val_accuracy", "val_loss", "best_epoch"]].to_string(index=False))
         self.next(self.evaluate)

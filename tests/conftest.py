@@ -1,0 +1,201 @@
+"""Shared fixtures: a Metaflow datastore in a temp folder, a real S3 server on
+loopback (moto), real bin photos from ../shared/abid-sample, small models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# torch must be imported before metaflow's vendored typing_extensions (loaded
+# by metaflow.Runner): under pytest, that module's patch of typing makes a
+# later `import torch` fail with "Type parameter ~_R without a default".
+import torch  # noqa: E402,F401  isort: skip
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW = REPO / "flows" / "bin_flow.py"
+TINY_GRID = REPO / "flows" / "grids" / "tiny.json"
+
+# Metaflow reads its configuration when first imported, so the datastore and
+# user are fixed here, before any test imports it. Every run of the suite gets
+# its own datastore; cards and runs live in the same folder (ENVIRONMENT.md).
+DATASTORE = Path(tempfile.mkdtemp(prefix="bincount-tests-"))
+os.environ.setdefault("METAFLOW_USER", "tests")
+os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(DATASTORE)
+os.environ["BINCOUNT_CACHE"] = str(DATASTORE / "cache")
+os.environ.setdefault("BINCOUNT_ABID_SAMPLE", str(REPO.parent / "shared" / "abid-sample"))
+
+
+def abid_sample_path() -> Path | None:
+    path = Path(os.environ["BINCOUNT_ABID_SAMPLE"])
+    return path if (path / "metadata").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def abid_sample() -> Path:
+    path = abid_sample_path()
+    if path is None:
+        pytest.skip(f"real bin photos not found at {os.environ['BINCOUNT_ABID_SAMPLE']} (set BINCOUNT_ABID_SAMPLE)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def abid_ids(abid_sample) -> dict[int, list[str]]:
+    """The sample's 1-5 ids by class, in file-list order."""
+    listing = json.loads((abid_sample / "file_list.json").read_text())
+    return {int(k): [Path(p).stem for p in v] for k, v in listing.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server (moto) on 127.0.0.1, with dummy credentials in the environment."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+def upload_tree(client, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
+    """Put ``files`` (key -> bytes) under s3://bucket/prefix/."""
+    existing = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+    if bucket not in existing:
+        client.create_bucket(Bucket=bucket)
+    for key, data in files.items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{key}" if prefix else key, Body=data)
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for key, data in files.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    return root
+
+
+def metadata(count) -> bytes:
+    return json.dumps({"EXPECTED_QUANTITY": count, "BIN_FCSKU_DATA": {}}).encode()
+
+
+@pytest.fixture(scope="session")
+def bad_objects(abid_sample) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Bucket-layout objects that must be skipped, and the reason each should give.
+
+    Built from a real photo: a JPEG cut in half, a text file named .jpg, a bin
+    whose metadata is missing, one whose metadata is not JSON, and one whose
+    count is outside 1-5.
+    """
+    real = next((abid_sample / "bin-images").glob("*.jpg")).read_bytes()
+    files = {
+        "bin-images/bad-truncated.jpg": real[: len(real) // 2], "metadata/bad-truncated.json": metadata(2),
+        "bin-images/bad-text.jpg": b"this is not a photo\n", "metadata/bad-text.json": metadata(3),
+        "bin-images/bad-nometa.jpg": real,
+        "bin-images/bad-malformed.jpg": real, "metadata/bad-malformed.json": b'{"EXPECTED_QUANTITY": 3',
+        "bin-images/bad-toomany.jpg": real, "metadata/bad-toomany.json": metadata(9),
+    }
+    reasons = {"bad-truncated": "unreadable image", "bad-text": "not an image", "bad-nometa": "metadata missing",
+               "bad-malformed": "malformed metadata", "bad-toomany": "label 9 outside classes"}
+    return files, reasons
+
+
+def sample_files(abid_sample: Path, ids: list[str]) -> dict[str, bytes]:
+    files = {}
+    for bin_id in ids:
+        files[f"bin-images/{bin_id}.jpg"] = (abid_sample / "bin-images" / f"{bin_id}.jpg").read_bytes()
+        files[f"metadata/{bin_id}.json"] = (abid_sample / "metadata" / f"{bin_id}.json").read_bytes()
+    return files
+
+
+@dataclass
+class FlowResult:
+    status: str
+    run: object  # metaflow.Run
+    output: str  # stdout and stderr: the Runner deletes its log files on exit
+
+
+def _finished(running) -> FlowResult:
+    return FlowResult(running.status, running.run, running.stdout + running.stderr)
+
+
+def _runner(env: dict | None, grid: Path | None):
+    from metaflow import Runner
+
+    configs = {"config": [("grid", str(grid))]} if grid else {}
+    return Runner(str(FLOW), show_output=False, cwd=str(DATASTORE), env=env or {}, **configs)
+
+
+def run_flow(*, env: dict | None = None, grid: Path = TINY_GRID, **params) -> FlowResult:
+    """Run BinCountFlow through metaflow.Runner and wait for it to finish."""
+    with _runner(env, grid).run(**params) as running:
+        return _finished(running)
+
+
+def resume_flow(origin_run_id: str, *, env: dict | None = None) -> FlowResult:
+    """Resume a run; configs cannot change on resume, so the origin's grid is used."""
+    with _runner(env, None).resume(origin_run_id=origin_run_id) as running:
+        return _finished(running)
+
+
+@pytest.fixture(scope="session")
+def synthetic_run():
+    """One real flow run on generated data, read back by many tests."""
+    running = run_flow(source="synthetic", per_class=60)
+    assert running.status == "successful", running.output[-4000:]
+    return running.run
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """An untrained tiny model's weights and metadata, for handler and server tests."""
+    from bincount.models import create_model
+    from bincount.train import state_dict_bytes
+
+    meta = {"arch": "resnet18", "image_size": 64, "classes": [1, 2, 3, 4, 5], "run_id": "test-run"}
+    return state_dict_bytes(create_model("resnet18", num_classes=5, image_size=64)), meta
+
+
+@pytest.fixture(scope="session")
+def synthetic_jpegs() -> dict[int, bytes]:
+    from bincount.synthetic import synthetic_bin
+
+    return {count: synthetic_bin(count, seed=count) for count in (1, 2, 3, 4, 5)}

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+from conftest import metadata, write_tree
+
+from bincount.fetch import BadInput, check_image, fetch_subset, parse_classes, parse_label, read_file_list
+from bincount.sources import open_source
+
+
+@pytest.mark.parametrize("spec,expected", [("1-5", [1, 2, 3, 4, 5]), ("0-5", [0, 1, 2, 3, 4, 5]),
+                                           ("1,3,5", [1, 3, 5])])
+def test_parse_classes(spec, expected):
+    assert parse_classes(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["one-five", "", "-1-3"])
+def test_parse_classes_rejects_nonsense(spec):
+    with pytest.raises(ValueError, match="--classes"):
+        parse_classes(spec)
+
+
+def test_read_file_list_keeps_ids_as_strings(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"1": ["metadata/00526.json"], "2": ["data/metadata/526.json"]}))
+    assert read_file_list(path) == ["00526", "526"]
+
+
+@pytest.mark.parametrize("raw,reason", [(b"{", "malformed metadata"), (b"[]", "no integer"),
+                                        (b'{"EXPECTED_QUANTITY": "3"}', "no integer"),
+                                        (b'{"EXPECTED_QUANTITY": true}', "no integer")])
+def test_parse_label_rejects_bad_metadata(raw, reason):
+    with pytest.raises(BadInput, match=reason):
+        parse_label(raw)
+
+
+def test_check_image(synthetic_jpegs):
+    assert check_image(synthetic_jpegs[3]) == (160, 144)
+    with pytest.raises(BadInput, match="unreadable image"):
+        check_image(synthetic_jpegs[3][:400])
+    with pytest.raises(BadInput, match="not an image"):
+        check_image(b"hello")
+
+
+def test_bad_objects_are_skipped_and_reported_by_id(tmp_path, abid_sample, abid_ids, bad_objects):
+    from conftest import sample_files
+
+    files, reasons = bad_objects
+    good = [i for c in (1, 2, 3) for i in abid_ids[c][:2]]
+    root = write_tree(tmp_path, {**sample_files(abid_sample, good), **files})
+    subset = fetch_subset(open_source(str(root)), classes=[1, 2, 3, 4, 5], per_class=None,
+                          candidate_ids=good + list(reasons), progress=False)
+    assert sorted(subset.ids) == sorted(good)
+    skipped = dict(subset.skipped)
+    assert set(skipped) == set(reasons)
+    for bin_id, reason in reasons.items():
+        assert reason in skipped[bin_id]
+
+
+def test_subset_is_balanced_and_deterministic_for_a_seed(tmp_path, synthetic_jpegs):
+    files = {}
+    for count in (0, 1, 2):
+        for i in range(10):
+            files[f"bin-images/c{count}-{i}.jpg"] = synthetic_jpegs[max(count, 1)]
+            files[f"metadata/c{count}-{i}.json"] = metadata(count)
+    source = open_source(str(write_tree(tmp_path, files)))
+    first = fetch_subset(source, classes=[0, 1, 2], per_class=4, seed=1, progress=False)
+    again = fetch_subset(source, classes=[0, 1, 2], per_class=4, seed=1, progress=False)
+    other = fetch_subset(source, classes=[0, 1, 2], per_class=4, seed=2, progress=False)
+    assert first.class_counts() == {0: 4, 1: 4, 2: 4}
+    assert first.ids == again.ids
+    assert first.ids != other.ids
+
+
+def test_a_bad_image_is_replaced_by_the_next_of_its_class(tmp_path, synthetic_jpegs):
+    files = {"bin-images/a.jpg": b"junk", "metadata/a.json": metadata(1),
+             "bin-images/b.jpg": synthetic_jpegs[1][:300], "metadata/b.json": metadata(1),
+             "bin-images/c.jpg": synthetic_jpegs[1], "metadata/c.json": metadata(1)}
+    source = open_source(str(write_tree(tmp_path, files)))
+    for seed in range(4):  # whatever order the seed visits them in
+        subset = fetch_subset(source, classes=[1], per_class=1, seed=seed, progress=False)
+        assert subset.ids == ["c"]
+        assert {i for i, _ in subset.skipped} <= {"a", "b"}

@@ -1,0 +1,126 @@
+"""The real flow, driven by metaflow.Runner on small data and read back through the Client."""
+
+import io
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import free_port, resume_flow, run_flow, sample_files, upload_tree
+
+from bincount.train import FAIL_ENV
+
+pytestmark = pytest.mark.flow
+
+
+def test_a_run_keeps_every_artifact_a_user_reads(synthetic_run):
+    import torch
+
+    data = synthetic_run.data
+    assert data.class_counts == {1: 60, 2: 60, 3: 60, 4: 60, 5: 60}
+    assert len(data.subset) == 300 and data.skipped.empty
+    assert set(data.split_table["split"]) == {"train", "val", "test"}
+    assert data.split_counts.loc[1].sum() == 60
+    assert sorted(data.grid_results["name"]) == ["tiny-a", "tiny-b"]
+    assert data.chosen == data.grid_results.iloc[0]["name"]
+    for history in data.grid_histories.values():
+        assert len(history) == 6 and {"train_loss", "val_accuracy"} <= set(history[0])
+    state = torch.load(io.BytesIO(data.model_state), weights_only=True)
+    assert data.model_meta["run_id"] == synthetic_run.id and "fc.weight" in state
+    metrics = data.test_metrics
+    assert metrics["n"] == 45 and {"accuracy", "rmse", "mae", "per_class", "confusion_matrix"} <= set(metrics)
+    assert metrics["accuracy"] > 0.3  # five classes: chance is 0.2
+    deployment = data.deployment
+    assert deployment["target"] == "local" and deployment["smoke_test"]["mismatches"] == []
+    assert deployment["smoke_test"]["requests"] == 16 and len(data.model_package) == deployment["package_bytes"]
+    # each branch's own curves are on its task too
+    branches = {t.data.scores["config"]["name"]: t for t in synthetic_run["train"]}
+    assert set(branches) == {"tiny-a", "tiny-b"} and len(branches["tiny-a"].data.history) == 6
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bincount.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_predict_and_evaluate_use_the_run(synthetic_run, synthetic_jpegs, tmp_path):
+    image = tmp_path / "bin.jpg"
+    image.write_bytes(synthetic_jpegs[3])
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    out = cli("predict", str(image), str(tmp_path / "junk.jpg"), "--run", synthetic_run.id)
+    assert out.returncode == 1  # one image could not be read, and says so
+    assert "count=" in out.stdout and "junk.jpg: skipped" in out.stderr
+    out = cli("evaluate", "--run", synthetic_run.id, "--source", "synthetic", "--quiet")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout)
+    assert metrics["n"] == 120 and 0 <= metrics["accuracy"] <= 1 and metrics["run"].endswith(synthetic_run.id)
+
+
+def test_cli_serve_starts_the_latest_run(synthetic_run, synthetic_jpegs):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                ping = requests.get(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None, server.stdout.read().decode()
+                time.sleep(0.5)
+        assert ping.json()["run_id"] == synthetic_run.id
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", data=synthetic_jpegs[2],
+                               headers={"Content-Type": "image/jpeg"}, timeout=30).json()
+        assert answer["predictions"][0]["run_id"] == synthetic_run.id
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpoint, abid_sample, abid_ids,
+                                                             bad_objects, tmp_path):
+    files, reasons = bad_objects
+    good = {c: abid_ids[c][:8] for c in (1, 2, 3, 4, 5)}
+    upload_tree(s3_client, "abid-flow", "mirror",
+                {**sample_files(abid_sample, [i for ids in good.values() for i in ids]), **files})
+    file_list = tmp_path / "file_list.json"
+    listing = {str(c): [f"metadata/{i}.json" for i in ids] for c, ids in good.items()}
+    listing["3"] += [f"metadata/{i}.json" for i in reasons]
+    file_list.write_text(json.dumps(listing))
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    running = run_flow(env=env, source="s3://abid-flow/mirror", file_list=str(file_list), deploy_target="none")
+    assert running.status == "successful", running.output[-4000:]
+    data = running.run.data
+    assert sorted(data.subset["id"]) == sorted(i for ids in good.values() for i in ids)
+    skipped = dict(zip(data.skipped["id"], data.skipped["reason"]))
+    assert set(skipped) == set(reasons)
+    for bin_id, reason in reasons.items():
+        assert reason in skipped[bin_id]
+    assert data.deployment == {"target": "none"} and data.test_metrics["n"] == 6
+
+
+def test_resume_reruns_only_the_failed_branch():
+    failed = run_flow(env={FAIL_ENV: "tiny-b"}, source="synthetic", per_class=30, deploy_target="none")
+    assert failed.status == "failed"
+    assert "failing on purpose" in failed.output
+    resumed = resume_flow(failed.run.id)
+    assert resumed.status == "successful", resumed.output[-4000:]
+    run = resumed.run
+    origin = failed.run.pathspec
+    assert run["split"].task.origin_pathspec.startswith(origin)
+    by_name = {t.data.scores["config"]["name"]: t for t in run["train"]}
+    assert by_name["tiny-a"].origin_pathspec.startswith(origin)  # finished before: cloned
+    assert by_name["tiny-b"].origin_pathspec is None  # failed before: trained again
+    assert run.data.chosen in {"tiny-a", "tiny-b"} and run.data.test_metrics["n"] > 0
+
+
+def test_unreachable_bucket_fails_fast_with_advice():
+    started = time.monotonic()
+    running = run_flow(env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, deploy_target="none")
+    assert running.status == "failed"
+    assert time.monotonic() - started < 90  # 60 s for the source, the rest is Metaflow start-up
+    output = running.output
+    assert "Cannot reach the data source 's3://aft-vbi-pds'" in output and "--source synthetic" in output

