@@ -15,10 +15,23 @@ from pathlib import Path
 
 import pytest
 
-# torch must be imported before metaflow's vendored typing_extensions (loaded
-# by metaflow.Runner): under pytest, that module's patch of typing makes a
-# later `import torch` fail with "Type parameter ~_R without a default".
-import torch  # noqa: E402,F401  isort: skip
+
+def _import_metaflow_runner_without_its_typing_patch() -> None:
+    """metaflow.Runner loads Metaflow's vendored copy of typing_extensions, which
+    replaces ``typing._collect_parameters`` with one that only knows its own
+    ``NoDefault`` sentinel. In a process that already loaded the real
+    typing_extensions (pytest's plugins do), every TypeVar made by the real one
+    then looks like it has a default, and a later ``import torch`` or
+    ``import torchvision`` fails with "Type parameter ~_R without a default
+    follows type parameter with a default". Import it once, then put the
+    original back.
+    """
+    import typing
+
+    original = typing._collect_parameters
+    import metaflow._vendor.typing_extensions  # noqa: F401
+
+    typing._collect_parameters = original
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = REPO / "flows" / "bin_flow.py"
@@ -32,6 +45,7 @@ os.environ.setdefault("METAFLOW_USER", "tests")
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(DATASTORE)
 os.environ["BINCOUNT_CACHE"] = str(DATASTORE / "cache")
 os.environ.setdefault("BINCOUNT_ABID_SAMPLE", str(REPO.parent / "shared" / "abid-sample"))
+_import_metaflow_runner_without_its_typing_patch()
 
 
 def abid_sample_path() -> Path | None:
