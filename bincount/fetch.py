@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -20,9 +21,6 @@ from pathlib import Path, PurePosixPath
 from bincount.sources import MissingObject, Source, image_key, metadata_key
 
 DEFAULT_WORKERS = 32
-# Candidates are handled in chunks so that a class that is already full stops
-# costing downloads, while each chunk still keeps the pool busy.
-CHUNK = 256
 
 
 class BadInput(ValueError):
@@ -130,17 +128,14 @@ def _read_image(source: Source, bin_id: str) -> tuple[bytes, tuple[int, int]] | 
         return str(e)
 
 
-def _take(usable: list[tuple[str, int]], need: dict[int, int]):
-    """Split ``usable`` into the first ``need[c]`` bins of each class and the rest."""
-    taken = dict.fromkeys(need, 0)
-    chosen, rest = [], []
-    for bin_id, label in usable:
-        if taken[label] < need[label]:
-            taken[label] += 1
-            chosen.append((bin_id, label))
-        else:
-            rest.append((bin_id, label))
-    return chosen, rest
+def _read_bin(source: Source, bin_id: str, wanted: set[int], need: dict[int, int]):
+    """(label or reason, (bytes, size) or reason, or None when not downloaded)."""
+    label = _read_label(source, bin_id)
+    # ``need`` is read while the caller updates it: a stale value costs at most
+    # a wasted download, never a wrong choice (the caller decides, in order).
+    if isinstance(label, str) or label not in wanted or need[label] <= 0:
+        return label, None
+    return label, _read_image(source, bin_id)
 
 
 def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
@@ -167,36 +162,41 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
     subset = Subset()
     bar = progress_bar(total=min(sum(need.values()), len(candidates)), desc="fetching", unit=" img",
                        disable=not progress)
+    # A sliding window of per-bin tasks (metadata, then photo) keeps every
+    # worker busy; results are taken strictly in candidate order, so which
+    # bins are kept never depends on thread timing.
+    window = max(4 * workers, 1)
+    pending: deque = deque()
+    remaining = iter(candidates)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(candidates), CHUNK):
-            if not any(need.values()):
-                break
-            chunk = candidates[start:start + CHUNK]
-            usable: list[tuple[str, int]] = []
-            for bin_id, label in zip(chunk, pool.map(lambda i: _read_label(source, i), chunk)):
-                if isinstance(label, str):
-                    subset.skipped.append((bin_id, label))
-                elif label not in wanted:
-                    subset.skipped.append((bin_id, f"label {label} outside classes {describe_classes(classes)}"))
-                else:
-                    usable.append((bin_id, label))
-            # Download only what the classes still need; when a photo turns out
-            # bad, the next usable bin of its class in this chunk takes its place.
-            while usable and any(need.values()):
-                chosen, usable = _take(usable, need)
-                if not chosen:
-                    break
-                for (bin_id, label), got in zip(chosen, pool.map(lambda c: _read_image(source, c[0]), chosen)):
-                    if isinstance(got, str):
-                        subset.skipped.append((bin_id, got))
-                        continue
-                    need[label] -= 1
-                    raw, size = got
-                    subset.ids.append(bin_id)
-                    subset.labels.append(label)
-                    subset.sizes.append(size)
-                    subset.images[bin_id] = raw
-                    bar.update(1)
+        def refill():
+            while len(pending) < window and any(n > 0 for n in need.values()):
+                bin_id = next(remaining, None)
+                if bin_id is None:
+                    return
+                pending.append((bin_id, pool.submit(_read_bin, source, bin_id, wanted, need)))
+
+        refill()
+        while pending:
+            bin_id, future = pending.popleft()
+            label, got = future.result()
+            refill()
+            if isinstance(label, str):
+                subset.skipped.append((bin_id, label))
+            elif label not in wanted:
+                subset.skipped.append((bin_id, f"label {label} outside classes {describe_classes(classes)}"))
+            elif need[label] > 0:
+                got = got or _read_image(source, bin_id)  # not prefetched: its class looked full then
+                if isinstance(got, str):
+                    subset.skipped.append((bin_id, got))
+                    continue
+                need[label] -= 1
+                raw, size = got
+                subset.ids.append(bin_id)
+                subset.labels.append(label)
+                subset.sizes.append(size)
+                subset.images[bin_id] = raw
+                bar.update(1)
     bar.close()
     short = {c: n for c, n in need.items() if per_class is not None and n > 0}
     if short and progress:
