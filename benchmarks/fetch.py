@@ -133,33 +133,34 @@ class _Connection:
         self.new_request = True
 
 
-async def _forward_requests(reader, writer, conn: _Connection, delay) -> None:
+async def _pump(reader, writer, before_write) -> None:
+    """Copy one direction of a connection, awaiting ``before_write()`` per chunk."""
+    try:
+        while data := await reader.read(65536):
+            await before_write()
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def _request_delayer(conn: _Connection, delay):
     # HTTP/1.1 clients send a request only after reading the previous
     # response, so the first client bytes after any response bytes (or on a
     # fresh connection) begin a new request: hold those back once.
-    try:
-        while data := await reader.read(65536):
-            if conn.new_request:
-                conn.new_request = False
-                await asyncio.sleep(delay())
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
+    async def before_write() -> None:
+        if conn.new_request:
+            conn.new_request = False
+            await asyncio.sleep(delay())
+    return before_write
 
 
-async def _forward_responses(reader, writer, conn: _Connection) -> None:
-    try:
-        while data := await reader.read(65536):
-            conn.new_request = True
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
+def _response_marker(conn: _Connection):
+    async def before_write() -> None:
+        conn.new_request = True
+    return before_write
 
 
 async def _serve_proxy(upstream_port: int, delay, ready) -> None:
@@ -170,8 +171,8 @@ async def _serve_proxy(upstream_port: int, delay, ready) -> None:
             client_writer.close()
             return
         conn = _Connection()
-        await asyncio.gather(_forward_requests(client_reader, server_writer, conn, delay),
-                             _forward_responses(server_reader, client_writer, conn))
+        await asyncio.gather(_pump(client_reader, server_writer, _request_delayer(conn, delay)),
+                             _pump(server_reader, client_writer, _response_marker(conn)))
 
     server = await asyncio.start_server(handle, HOST, 0, backlog=512)
     ready.send(server.sockets[0].getsockname()[1])  # port 0: the OS picks a free one, no race

@@ -158,14 +158,11 @@ class S3Source(Source):
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{METADATA_DIR}/")
         iterator = iter(pages)
-        while (page := self._next_page(iterator)) is not None:
+        while (page := self._call(next, iterator, None)) is not None:
             for obj in page.get("Contents", []):
                 name = obj["Key"].rsplit("/", 1)[-1]
                 if name.endswith(".json"):
                     yield name[: -len(".json")]
-
-    def _next_page(self, iterator):
-        return self._call(next, iterator, None)
 
     def check(self) -> None:
         from botocore.exceptions import ClientError
