@@ -119,3 +119,15 @@ def smoke_test(url: str, images: dict[str, bytes], expected: dict[str, dict]) ->
             "latency_ms_p50": float(np.percentile(latencies, 50)),
             "latency_ms_p95": float(np.percentile(latencies, 95)),
             "latency_ms_mean": float(np.mean(latencies))}
+
+
+def deploy_local(package: bytes, images: dict[str, bytes], expected: dict[str, dict]) -> dict:
+    """The ``local`` target: serve the package, check it answers like in-process, stop it."""
+    import hashlib
+
+    with start_local_endpoint(package) as endpoint:
+        report = smoke_test(endpoint.url, images, expected)
+    if report["mismatches"]:
+        raise EndpointError(f"the endpoint disagreed with in-process predictions: {report['mismatches'][:3]}")
+    return {"url": endpoint.url, "package_sha256": hashlib.sha256(package).hexdigest(),
+            "package_bytes": len(package), "smoke_test": report}

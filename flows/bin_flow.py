@@ -42,6 +42,9 @@ class BinCountFlow(FlowSpec):
     deploy_target = Parameter("deploy-target", default="local",
                               help="local: package the model and check it behind a local endpoint; "
                                    "none: skip deployment.")
+    force_deploy = Parameter("force-deploy", default=False, type=bool,
+                             help="Deploy even if the model is less accurate than the target's current "
+                                  "champion (the run tagged champion:<target>).")
     grid = Config("grid", default=DEFAULT_GRID,
                   help="Hyperparameter grid (JSON): {\"defaults\": {...}, \"points\": [{...}, ...]}.")
 
@@ -144,31 +147,35 @@ class BinCountFlow(FlowSpec):
 
     @step
     def deploy(self):
-        """Package the model as SageMaker expects; check it behind a local endpoint."""
-        import hashlib
-
-        from bincount.deploy import EndpointError, smoke_test, start_local_endpoint
+        """Deploy if the model beats the target's champion; check it behind an endpoint."""
+        from bincount.champion import crown, gate
+        from bincount.deploy import deploy_local
         from bincount.package import build_package
 
         self.deployment = {"target": self.deploy_target}
-        if self.deploy_target == "local":
+        self.champion_decision = None
+        if self.deploy_target != "none":
+            test = self.split_table[self.split_table["split"] == "test"]
+            self.champion_decision = gate(
+                self.deploy_target, run_id=current.run_id, classes=self.class_list,
+                new_accuracy=self.test_metrics["accuracy"], test_images=[self.images[i] for i in test["id"]],
+                test_labels=test["label"].tolist(), force=self.force_deploy)
+            print(f"champion gate: {self.champion_decision}")
+        if self.champion_decision and self.champion_decision["deploy"]:
             self.model_package = build_package(self.model_state, self.model_meta)
             ids = list(self.test_predictions)[:SMOKE_TEST_IMAGES]
-            with start_local_endpoint(self.model_package) as endpoint:
-                report = smoke_test(endpoint.url, {i: self.images[i] for i in ids},
-                                    {i: self.test_predictions[i] for i in ids})
-            self.deployment.update(url=endpoint.url, package_sha256=hashlib.sha256(self.model_package).hexdigest(),
-                                   package_bytes=len(self.model_package), smoke_test=report)
-            if report["mismatches"]:
-                raise EndpointError(f"the endpoint disagreed with in-process predictions: {report['mismatches'][:3]}")
-            print(f"local endpoint answered {report['requests']} requests like in-process; "
-                  f"p50 {report['latency_ms_p50']:.1f} ms")
+            self.deployment.update(deploy_local(self.model_package, {i: self.images[i] for i in ids},
+                                                {i: self.test_predictions[i] for i in ids}))
+            self.deployment["replaced"] = crown(current.run_id, self.deploy_target)
+            print(f"deployed; the local endpoint answered {self.deployment['smoke_test']['requests']} requests "
+                  f"like in-process, p50 {self.deployment['smoke_test']['latency_ms_p50']:.1f} ms")
         self.next(self.end)
 
     @step
     def end(self):
-        print(f"run {current.run_id}: chose {self.chosen}, test accuracy {self.test_metrics['accuracy']:.3f}; "
-              f"serve it with `bincount serve --run {current.run_id}`")
+        deployed = "deployed" if self.champion_decision and self.champion_decision["deploy"] else "not deployed"
+        print(f"run {current.run_id}: chose {self.chosen}, test accuracy {self.test_metrics['accuracy']:.3f}, "
+              f"{deployed}; serve it with `bincount serve --run {current.run_id}`")
 
 
 if __name__ == "__main__":
