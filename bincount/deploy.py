@@ -1,9 +1,10 @@
 """Starting, checking and stopping an endpoint for a packaged model.
 
-The ``local`` target extracts model.tar.gz, starts ``bincount.serve`` from it
-in a subprocess (its ``code/`` first on the import path, as SageMaker would),
-sends it test images over HTTP, checks its answers against in-process
-predictions and records latency, then stops it.
+``deploy`` sends a package to a target: ``local`` here, ``sagemaker`` in
+bincount.sagemaker_endpoint. The ``local`` target extracts model.tar.gz,
+starts ``bincount.serve`` from it in a subprocess (its ``code/`` first on the
+import path, as SageMaker would), sends it test images over HTTP, checks its
+answers against in-process predictions and records latency, then stops it.
 """
 
 from __future__ import annotations
@@ -122,12 +123,32 @@ def smoke_test(url: str, images: dict[str, bytes], expected: dict[str, dict]) ->
 
 
 def deploy_local(package: bytes, images: dict[str, bytes], expected: dict[str, dict]) -> dict:
-    """The ``local`` target: serve the package, check it answers like in-process, stop it."""
+    """The ``local`` target: serve the package, smoke-test it against in-process answers, stop it."""
     import hashlib
 
     with start_local_endpoint(package) as endpoint:
         report = smoke_test(endpoint.url, images, expected)
-    if report["mismatches"]:
-        raise EndpointError(f"the endpoint disagreed with in-process predictions: {report['mismatches'][:3]}")
     return {"url": endpoint.url, "package_sha256": hashlib.sha256(package).hexdigest(),
             "package_bytes": len(package), "smoke_test": report}
+
+
+def deploy(target: str, package: bytes, meta: dict, images: dict[str, bytes], expected: dict[str, dict],
+           config: dict | None = None) -> dict:
+    """Deploy ``package`` to ``target`` (``local`` or ``sagemaker``) and smoke-test it.
+
+    Raises EndpointError when the endpoint answers differently from the
+    in-process predictions in ``expected``.
+    """
+    if target == "sagemaker":
+        from bincount.sagemaker_endpoint import SageMakerTarget, deploy_to_sagemaker
+
+        report = deploy_to_sagemaker(package, meta, SageMakerTarget.from_config(config or {}),
+                                     smoke_images=images, expected=expected)
+    elif target == "local":
+        report = deploy_local(package, images, expected)
+    else:
+        raise ValueError(f"unknown deploy target {target!r}")
+    if report["smoke_test"]["mismatches"]:
+        raise EndpointError(f"the {target} endpoint disagreed with in-process predictions: "
+                            f"{report['smoke_test']['mismatches'][:3]}")
+    return report

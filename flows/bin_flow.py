@@ -18,7 +18,7 @@ import os
 from metaflow import Config, FlowSpec, Parameter, current, step
 
 DEFAULT_GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids", "default.json")
-DEPLOY_TARGETS = ("local", "none")
+DEPLOY_TARGETS = ("local", "sagemaker", "none")
 SMOKE_TEST_IMAGES = 16
 
 
@@ -41,12 +41,15 @@ class BinCountFlow(FlowSpec):
     workers = Parameter("workers", default=32, type=int, help="Parallel downloads in fetch_subset.")
     deploy_target = Parameter("deploy-target", default="local",
                               help="local: package the model and check it behind a local endpoint; "
-                                   "none: skip deployment.")
+                                   "sagemaker: create or update a SageMaker endpoint (settings from "
+                                   "--config deploy PATH); none: skip deployment.")
     force_deploy = Parameter("force-deploy", default=False, type=bool,
                              help="Deploy even if the model is less accurate than the target's current "
                                   "champion (the run tagged champion:<target>).")
     grid = Config("grid", default=DEFAULT_GRID,
                   help="Hyperparameter grid (JSON): {\"defaults\": {...}, \"points\": [{...}, ...]}.")
+    deploy_config = Config("deploy", default_value={},
+                           help="SageMaker deploy settings (JSON): see flows/deploy/sagemaker.example.json.")
 
     @step
     def start(self):
@@ -56,6 +59,10 @@ class BinCountFlow(FlowSpec):
 
         if self.deploy_target not in DEPLOY_TARGETS:
             raise ValueError(f"--deploy-target {self.deploy_target!r}: choose one of {DEPLOY_TARGETS}")
+        if self.deploy_target == "sagemaker":  # fail before training, not after it
+            from bincount.sagemaker_endpoint import SageMakerTarget
+
+            SageMakerTarget.from_config(self.deploy_config.to_dict())
         self.class_list = parse_classes(self.classes)
         self.grid_points = [c.as_dict() for c in expand_grid(self.grid.to_dict())]
         self.next(self.fetch_subset)
@@ -147,9 +154,9 @@ class BinCountFlow(FlowSpec):
 
     @step
     def deploy(self):
-        """Deploy if the model beats the target's champion; check it behind an endpoint."""
+        """Deploy if the model beats the target's champion; smoke-test the endpoint."""
         from bincount.champion import crown, gate
-        from bincount.deploy import deploy_local
+        from bincount.deploy import deploy
         from bincount.package import build_package
 
         self.deployment = {"target": self.deploy_target}
@@ -164,11 +171,11 @@ class BinCountFlow(FlowSpec):
         if self.champion_decision and self.champion_decision["deploy"]:
             self.model_package = build_package(self.model_state, self.model_meta)
             ids = list(self.test_predictions)[:SMOKE_TEST_IMAGES]
-            self.deployment.update(deploy_local(self.model_package, {i: self.images[i] for i in ids},
-                                                {i: self.test_predictions[i] for i in ids}))
+            self.deployment.update(deploy(self.deploy_target, self.model_package, self.model_meta,
+                                          {i: self.images[i] for i in ids}, {i: self.test_predictions[i] for i in ids},
+                                          self.deploy_config.to_dict()))
             self.deployment["replaced"] = crown(current.run_id, self.deploy_target)
-            print(f"deployed; the local endpoint answered {self.deployment['smoke_test']['requests']} requests "
-                  f"like in-process, p50 {self.deployment['smoke_test']['latency_ms_p50']:.1f} ms")
+            print(f"deployed to {self.deploy_target}: {self.deployment['smoke_test']}")
         self.next(self.end)
 
     @step

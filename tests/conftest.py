@@ -171,16 +171,18 @@ def _finished(running) -> FlowResult:
     return FlowResult(running.status, running.run, running.stdout + running.stderr)
 
 
-def _runner(env: dict | None, grid: Path | None):
+def _runner(env: dict | None, grid: Path | None, deploy_config: Path | None = None):
     from metaflow import Runner
 
-    configs = {"config": [("grid", str(grid))]} if grid else {}
-    return Runner(str(FLOW), show_output=False, cwd=str(DATASTORE), env=env or {}, **configs)
+    configs = [(name, str(path)) for name, path in (("grid", grid), ("deploy", deploy_config)) if path]
+    return Runner(str(FLOW), show_output=False, cwd=str(DATASTORE), env=env or {},
+                  **({"config": configs} if configs else {}))
 
 
-def run_flow(*, env: dict | None = None, grid: Path = TINY_GRID, **params) -> FlowResult:
+def run_flow(*, env: dict | None = None, grid: Path = TINY_GRID, deploy_config: Path | None = None,
+             **params) -> FlowResult:
     """Run BinCountFlow through metaflow.Runner and wait for it to finish."""
-    with _runner(env, grid).run(**params) as running:
+    with _runner(env, grid, deploy_config).run(**params) as running:
         return _finished(running)
 
 

@@ -103,7 +103,9 @@ def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpo
 
 
 def test_resume_reruns_only_the_failed_branch():
-    failed = run_flow(env={FAIL_ENV: "tiny-b"}, source="synthetic", per_class=30, deploy_target="none")
+    """Also the one flow run with empty bins: --classes 0-5."""
+    failed = run_flow(env={FAIL_ENV: "tiny-b"}, source="synthetic", per_class=30, classes="0-5",
+                      deploy_target="none")
     assert failed.status == "failed"
     assert "failing on purpose" in failed.output
     resumed = resume_flow(failed.run.id)
@@ -114,7 +116,9 @@ def test_resume_reruns_only_the_failed_branch():
     by_name = {t.data.scores["config"]["name"]: t for t in run["train"]}
     assert by_name["tiny-a"].origin_pathspec.startswith(origin)  # finished before: cloned
     assert by_name["tiny-b"].origin_pathspec is None  # failed before: trained again
-    assert run.data.chosen in {"tiny-a", "tiny-b"} and run.data.test_metrics["n"] > 0
+    assert run.data.chosen in {"tiny-a", "tiny-b"}
+    assert run.data.class_counts == {c: 30 for c in range(6)}
+    assert run.data.model_meta["classes"] == [0, 1, 2, 3, 4, 5] and len(run.data.test_metrics["per_class"]) == 6
 
 
 def test_unreachable_bucket_fails_fast_with_advice():
@@ -124,3 +128,37 @@ def test_unreachable_bucket_fails_fast_with_advice():
     assert time.monotonic() - started < 90  # 60 s for the source, the rest is Metaflow start-up
     output = running.output
     assert "Cannot reach the data source 's3://aft-vbi-pds'" in output and "--source synthetic" in output
+
+
+def sagemaker_config(tmp_path, **settings):
+    path = tmp_path / "deploy.json"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_endpoint, tmp_path):
+    s3_client.create_bucket(Bucket="flow-models")
+    # moto answers invoke_endpoint with a canned body and fails on non-UTF-8
+    # bodies, so the smoke test sends base64 JSON and records answers as unverified.
+    config = sagemaker_config(tmp_path, role_arn="arn:aws:iam::123456789012:role/bincount-flow-test",
+                              bucket="flow-models", endpoint_name="flow-test",
+                              smoke_content_type="application/json")
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    running = run_flow(env=env, deploy_config=config, source="synthetic", per_class=30, deploy_target="sagemaker")
+    assert running.status == "successful", running.output[-4000:]
+    deployment = running.run.data.deployment
+    assert deployment["target"] == "sagemaker" and deployment["action"] == "created"
+    assert deployment["model_data_url"].startswith("s3://flow-models/bincount/models/")
+    bucket, key = deployment["model_data_url"][len("s3://"):].split("/", 1)
+    assert s3_client.get_object(Bucket=bucket, Key=key)["Body"].read() == running.run.data.model_package
+    assert "champion:sagemaker" in running.run.user_tags
+
+
+def test_sagemaker_target_without_settings_fails_before_training(tmp_path):
+    started = time.monotonic()
+    running = run_flow(deploy_config=sagemaker_config(tmp_path, bucket="b"), source="synthetic",
+                       deploy_target="sagemaker")
+    assert running.status == "failed" and "role_arn" in running.output
+    assert [step.id for step in running.run] == ["start"]
+    assert time.monotonic() - started < 60

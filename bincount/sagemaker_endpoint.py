@@ -1,0 +1,374 @@
+"""Deploying a packaged model to a SageMaker real-time endpoint (boto3 only).
+
+The ``sagemaker`` target of the flow's deploy step::
+
+    upload model.tar.gz -> CreateModel -> CreateEndpointConfig
+        -> CreateEndpoint (new name) or UpdateEndpoint (existing name)
+        -> wait for InService -> smoke-test through sagemaker-runtime
+
+Every run gets its own Model and EndpointConfig; an existing endpoint is moved
+to the new config with UpdateEndpoint, which SageMaker does without downtime
+(and rolls back on failure), instead of being deleted and re-created. Old
+models and configs are left in place, so going back is one UpdateEndpoint.
+
+Settings come from a JSON file given to the flow as ``--config deploy PATH``
+(see ``flows/deploy/sagemaker.example.json``); :meth:`SageMakerTarget.from_config`
+checks it before anything is trained.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Callable, Mapping
+
+from bincount.deploy import EndpointError
+
+EXAMPLE_CONFIG = "flows/deploy/sagemaker.example.json"
+REQUIRED_KEYS = ("role_arn", "bucket")
+SMOKE_CONTENT_TYPES = ("image/jpeg", "application/json")
+
+# Same budget as bincount.sources: an endpoint that does not answer surfaces
+# within a minute instead of after botocore's long default retries.
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 60  # an invocation of a cold endpoint can take a while
+MAX_ATTEMPTS = 4
+
+# AWS Deep Learning Containers live in account 763104351884 in most regions;
+# these regions use their own registry (from the sagemaker SDK's image table).
+# Elsewhere, set image_uri explicitly.
+DLC_ACCOUNTS = {"af-south-1": "626614931356", "ap-east-1": "871362719292", "ap-northeast-3": "364406365360",
+                "eu-south-1": "692866216735", "me-south-1": "217643126080", "us-gov-west-1": "442386744353",
+                "cn-north-1": "727897471807", "cn-northwest-1": "727897471807"}
+DEFAULT_IMAGE = "{account}.dkr.ecr.{region}.{domain}/pytorch-inference:2.6.0-cpu-py312"
+
+# SageMaker resource names: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}
+NAME_MAX = 63
+NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+
+IN_PROGRESS = {"Creating", "Updating", "SystemUpdating", "RollingBack"}
+FAILED = {"Failed", "UpdateRollbackFailed", "OutOfService", "Deleting"}
+
+
+class SageMakerDeployError(EndpointError):
+    """Deployment to SageMaker failed; the message says where and what to do."""
+
+
+def default_region() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+
+
+def default_image_uri(region: str) -> str:
+    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return DEFAULT_IMAGE.format(account=DLC_ACCOUNTS.get(region, "763104351884"), region=region, domain=domain)
+
+
+@dataclass(frozen=True)
+class SageMakerTarget:
+    role_arn: str
+    bucket: str
+    prefix: str = "bincount/models"
+    endpoint_name: str = "bincount"
+    instance_type: str = "ml.m5.large"
+    instance_count: int = 1
+    image_uri: str = ""  # empty: the PyTorch inference container for `region`
+    region: str = field(default_factory=default_region)
+    wait_timeout_s: float = 1800
+    # image/jpeg is how clients call the endpoint; application/json sends the
+    # same image base64-encoded ({"instances": [{"b64": ...}]}), which the
+    # handler also accepts, for servers that cannot take binary bodies (moto).
+    smoke_content_type: str = "image/jpeg"
+
+    def __post_init__(self):
+        if not self.image_uri:  # frozen: fill the default the only way allowed
+            object.__setattr__(self, "image_uri", default_image_uri(self.region))
+        object.__setattr__(self, "prefix", self.prefix.strip("/"))
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "SageMakerTarget":
+        """Check a deploy config (a dict from JSON) and build the target; ValueError says what to fix."""
+        config = {k: v for k, v in dict(config or {}).items() if v is not None}  # null: use the default
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in the SageMaker deploy config; known keys: {known}")
+        missing = [k for k in REQUIRED_KEYS if not config.get(k)]
+        if missing:
+            raise ValueError(
+                f"--deploy-target sagemaker needs {' and '.join(missing)} in the deploy config. Put them in a "
+                f"JSON file (copy {EXAMPLE_CONFIG}) and pass it to the flow as `--config deploy PATH`.")
+        _check_values(config)
+        return cls(**config)
+
+
+def _check_values(config: dict) -> None:
+    """Catch mistakes here, before training, rather than in the SageMaker API after it."""
+    for key, value in config.items():
+        if isinstance(value, str) and "REPLACE" in value:
+            raise ValueError(f"{key} in the deploy config is still the example's placeholder: {value!r}")
+    if not re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", str(config["role_arn"])):
+        raise ValueError(f"role_arn {config['role_arn']!r} is not an IAM role ARN "
+                         "(arn:aws:iam::<account>:role/<name>, a role SageMaker may assume)")
+    if str(config["bucket"]).startswith("s3://") or "/" in str(config["bucket"]):
+        raise ValueError(f"bucket {config['bucket']!r}: give the bare bucket name; put any path in 'prefix'")
+    if "endpoint_name" in config and not NAME_RE.match(str(config["endpoint_name"])):
+        raise ValueError(f"endpoint_name {config['endpoint_name']!r}: up to {NAME_MAX} letters, digits and "
+                         "hyphens, starting with a letter or digit")
+    count = config.get("instance_count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"instance_count must be a whole number >= 1, got {count!r}")
+    if config.get("smoke_content_type", "image/jpeg") not in SMOKE_CONTENT_TYPES:
+        raise ValueError(f"smoke_content_type must be one of {SMOKE_CONTENT_TYPES}")
+    timeout = config.get("wait_timeout_s", 1)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"wait_timeout_s must be a positive number of seconds, got {timeout!r}")
+
+
+# --- names and clients ---------------------------------------------------------
+
+def resource_name(endpoint_name: str, run_id: str, stamp: str | None = None) -> str:
+    """A SageMaker-legal name for a run's Model and EndpointConfig: endpoint, run id, timestamp.
+
+    The stamp makes names unique per deployment attempt, so a retried deploy
+    step does not collide with the Model it created before failing. When the
+    name is too long the endpoint part is cut first, then the run id's head
+    (scheduler run ids keep their unique part at the end); never the stamp.
+    """
+    def clean(text: str) -> str:
+        return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")
+
+    stamp = stamp or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    run = clean(run_id)[-(NAME_MAX - len(stamp) - 2):].strip("-")  # leaves room for the hyphens
+    room = NAME_MAX - len(stamp) - len(run) - 2
+    head = clean(endpoint_name)[:room].strip("-") if room > 0 else ""
+    return "-".join(part for part in (head, run, stamp) if part)
+
+
+def make_clients(region: str) -> dict:
+    """boto3 clients with bounded timeouts and retries; AWS_ENDPOINT_URL is honoured by boto3 itself."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
+    session = boto3.Session(region_name=region)
+    return {name: session.client(name, config=config) for name in ("s3", "sagemaker", "sagemaker-runtime")}
+
+
+def _aws_call(what: str, fn: Callable, **kwargs):
+    """Call the AWS API; turn network, credential and API errors into one clear SageMakerDeployError."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        return fn(**kwargs)
+    except NoCredentialsError as e:
+        raise SageMakerDeployError(f"{what}: no AWS credentials found ({e}). Configure them (aws configure, "
+                                   "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).") from e
+    except ClientError as e:
+        error = e.response.get("Error", {})
+        message = str(error.get("Message") or e)[:500]  # a proxy's HTML error page can be long
+        raise SageMakerDeployError(f"{what} failed: {error.get('Code')}: {message}") from e
+    except BotoCoreError as e:  # connection refused, timeouts, DNS: the endpoint is unreachable
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        raise SageMakerDeployError(f"{what}: cannot reach AWS ({e})"
+                                   + (f"; AWS_ENDPOINT_URL is {endpoint}" if endpoint else "")
+                                   + ". Check the network and region.") from e
+
+
+# --- the steps -------------------------------------------------------------------
+
+def upload_package(s3, package: bytes, bucket: str, key: str) -> str:
+    _aws_call(f"uploading the model package to s3://{bucket}/{key}", s3.put_object,
+              Bucket=bucket, Key=key, Body=package, ContentType="application/gzip")
+    return f"s3://{bucket}/{key}"
+
+
+def create_model(sagemaker, name: str, target: SageMakerTarget, model_data_url: str) -> None:
+    # The PyTorch container runs code/inference.py from the extracted package;
+    # SAGEMAKER_SUBMIT_DIRECTORY points it there instead of at an S3 source tarball.
+    environment = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                   "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": target.region}
+    _aws_call(f"creating SageMaker model {name}", sagemaker.create_model, ModelName=name,
+              PrimaryContainer={"Image": target.image_uri, "ModelDataUrl": model_data_url,
+                                "Environment": environment},
+              ExecutionRoleArn=target.role_arn)
+
+
+def create_endpoint_config(sagemaker, name: str, model_name: str, target: SageMakerTarget) -> None:
+    _aws_call(f"creating endpoint config {name}", sagemaker.create_endpoint_config, EndpointConfigName=name,
+              ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": model_name,
+                                   "InstanceType": target.instance_type,
+                                   "InitialInstanceCount": target.instance_count}])
+
+
+def describe_endpoint(sagemaker, name: str) -> dict | None:
+    """The endpoint's description, or None if there is no endpoint by that name."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return _aws_call(f"looking up endpoint {name}", sagemaker.describe_endpoint, EndpointName=name)
+    except SageMakerDeployError as e:
+        cause = e.__cause__
+        # SageMaker answers ValidationException "Could not find endpoint" for a missing one.
+        if isinstance(cause, ClientError) and "could not find" in str(cause).lower():
+            return None
+        raise
+
+
+def create_or_update_endpoint(sagemaker, name: str, config_name: str) -> tuple[str, str | None]:
+    """Point endpoint ``name`` at ``config_name``: ('created', None) or ('updated', the config it had)."""
+    existing = describe_endpoint(sagemaker, name)
+    if existing is None:
+        _aws_call(f"creating endpoint {name}", sagemaker.create_endpoint, EndpointName=name,
+                  EndpointConfigName=config_name)
+        return "created", None
+    try:
+        _aws_call(f"updating endpoint {name} (now {existing.get('EndpointStatus')}, config "
+                  f"{existing.get('EndpointConfigName')})", sagemaker.update_endpoint, EndpointName=name,
+                  EndpointConfigName=config_name)
+    except SageMakerDeployError as e:
+        raise SageMakerDeployError(f"{e}. An endpoint that is still Creating/Updating cannot be updated: wait "
+                                   "and deploy again; a Failed one must be deleted first "
+                                   f"(aws sagemaker delete-endpoint --endpoint-name {name}).") from e.__cause__
+    return "updated", existing.get("EndpointConfigName")
+
+
+def wait_in_service(describe: Callable[[], dict], config_name: str, *, timeout_s: float, poll_s: float,
+                    log: Callable[[str], None] = print) -> dict:
+    """Poll until the endpoint serves ``config_name``; raise on failure or timeout.
+
+    A failed *update* does not end in Failed: SageMaker rolls back and the
+    endpoint is InService again on the previous config. So success means
+    InService on the new config; InService on the old one after the update
+    was seen in progress means it was rolled back.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_status, seen_progress = None, False
+    while True:
+        endpoint = describe()
+        status, current = endpoint.get("EndpointStatus"), endpoint.get("EndpointConfigName")
+        if status != last_status:
+            log(f"endpoint {endpoint.get('EndpointName')}: {status}")
+            last_status = status
+        seen_progress |= status in IN_PROGRESS
+        reason = endpoint.get("FailureReason") or "no FailureReason given"
+        if status == "InService" and current == config_name:
+            return endpoint
+        if status in FAILED:
+            raise SageMakerDeployError(f"endpoint {endpoint.get('EndpointName')} is {status}: {reason}. "
+                                       f"Logs: CloudWatch /aws/sagemaker/Endpoints/{endpoint.get('EndpointName')}")
+        if status == "InService" and seen_progress:
+            raise SageMakerDeployError(f"the update of endpoint {endpoint.get('EndpointName')} to {config_name} "
+                                       f"was rolled back; it still serves {current}: {reason}")
+        if time.monotonic() >= deadline:
+            raise SageMakerDeployError(f"endpoint {endpoint.get('EndpointName')} not InService on {config_name} "
+                                       f"after {timeout_s:.0f} s (status {status}); it may still finish: "
+                                       "check the SageMaker console")
+        time.sleep(poll_s)
+
+
+def _request_body(raw: bytes, content_type: str) -> bytes:
+    if content_type == "application/json":
+        return json.dumps({"instances": [{"b64": base64.b64encode(raw).decode()}]}).encode()
+    return raw
+
+
+def _our_prediction(body: bytes) -> dict | None:
+    """The first prediction if ``body`` is our handler's response JSON, else None."""
+    try:
+        prediction = json.loads(body)["predictions"][0]
+        return prediction if {"count", "probabilities"} <= set(prediction) else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _compare(bin_id: str, answer: dict, want: dict) -> dict | None:
+    """A mismatch record, or None when the endpoint agrees with the in-process prediction."""
+    close = all(abs(answer["probabilities"].get(k, -1) - v) < 1e-3 for k, v in want["probabilities"].items())
+    if answer["count"] == want["count"] and close:
+        return None
+    return {"id": bin_id, "endpoint": answer, "in_process": want}
+
+
+def smoke_test_sagemaker(runtime, endpoint_name: str, images: Mapping[str, bytes], expected: Mapping[str, dict],
+                         content_type: str = "image/jpeg") -> dict:
+    """Invoke the endpoint once per image; compare answers that are our JSON with ``expected``.
+
+    An answer that is not our response JSON (moto's canned body), or one with
+    no expected prediction, is recorded as unverified rather than failing:
+    the request worked, but nothing proves the model answered it.
+    """
+    import numpy as np
+
+    latencies, verified, unverified, mismatches = [], [], [], []
+    for bin_id, raw in images.items():
+        t0 = time.perf_counter()
+        response = _aws_call(f"invoking endpoint {endpoint_name} with {bin_id}", runtime.invoke_endpoint,
+                             EndpointName=endpoint_name, Body=_request_body(raw, content_type),
+                             ContentType=content_type, Accept="application/json")
+        body = response["Body"].read()
+        latencies.append((time.perf_counter() - t0) * 1000)
+        answer = _our_prediction(body)
+        if answer is None or bin_id not in expected:
+            why = "no expected prediction" if answer else f"not our response JSON: {body[:80]!r}"
+            unverified.append({"id": bin_id, "reason": why})
+        elif (mismatch := _compare(bin_id, answer, expected[bin_id])) is not None:
+            mismatches.append(mismatch)
+        else:
+            verified.append(bin_id)
+    stats = {f"latency_ms_{k}": (float(f(latencies)) if latencies else None)
+             for k, f in (("p50", lambda x: np.percentile(x, 50)), ("p95", lambda x: np.percentile(x, 95)),
+                          ("mean", np.mean))}
+    summary = (f"{len(verified)} of {len(latencies)} answers matched in-process predictions, "
+               f"{len(mismatches)} disagreed, {len(unverified)} unverified")
+    return {"requests": len(latencies), "content_type": content_type, "verified": verified,
+            "unverified": unverified, "mismatches": mismatches, "summary": summary, **stats}
+
+
+# --- the whole deployment -----------------------------------------------------
+
+def deploy_to_sagemaker(package: bytes, meta: dict, target: SageMakerTarget, *,
+                        smoke_images: Mapping[str, bytes] | None = None, expected: Mapping[str, dict] | None = None,
+                        sagemaker_client=None, s3_client=None, runtime_client=None, poll_s: float = 15,
+                        log: Callable[[str], None] = print) -> dict:
+    """Upload ``package``, serve it from ``target.endpoint_name``, smoke-test it; return a report.
+
+    Mismatches are reported, not raised: the caller decides (the flow fails the run).
+    """
+    run_id = str(meta.get("run_id") or "")
+    if not run_id:
+        raise ValueError("meta has no run_id: it names the S3 key, the model and the endpoint config")
+    clients = make_clients(target.region) if None in (sagemaker_client, s3_client, runtime_client) else {}
+    sagemaker = sagemaker_client or clients["sagemaker"]
+    s3 = s3_client or clients["s3"]
+    runtime = runtime_client or clients["sagemaker-runtime"]
+
+    key = f"{target.prefix}/{run_id}/model.tar.gz" if target.prefix else f"{run_id}/model.tar.gz"
+    model_data_url = upload_package(s3, package, target.bucket, key)
+    log(f"uploaded {len(package)} bytes to {model_data_url}")
+    name = resource_name(target.endpoint_name, run_id)  # the Model and its EndpointConfig share it
+    create_model(sagemaker, name, target, model_data_url)
+    create_endpoint_config(sagemaker, name, name, target)
+    action, previous = create_or_update_endpoint(sagemaker, target.endpoint_name, name)
+    log(f"{'creating' if action == 'created' else 'updating'} endpoint {target.endpoint_name} with {name}")
+    endpoint = wait_in_service(
+        lambda: _aws_call(f"waiting for endpoint {target.endpoint_name}", sagemaker.describe_endpoint,
+                          EndpointName=target.endpoint_name),
+        name, timeout_s=target.wait_timeout_s, poll_s=poll_s, log=log)
+    report = smoke_test_sagemaker(runtime, target.endpoint_name, smoke_images or {}, expected or {},
+                                  target.smoke_content_type)
+    log(f"smoke test of {target.endpoint_name}: {report['summary']}")
+    return {"target": "sagemaker", "endpoint_name": target.endpoint_name, "endpoint_arn": endpoint["EndpointArn"],
+            "model_name": name, "endpoint_config_name": name, "model_data_url": model_data_url,
+            "package_sha256": hashlib.sha256(package).hexdigest(), "package_bytes": len(package),
+            # Going back: aws sagemaker update-endpoint --endpoint-config-name <previous>
+            "action": action, "previous_endpoint_config_name": previous, "region": target.region,
+            "image_uri": target.image_uri, "instance_type": target.instance_type,
+            "instance_count": target.instance_count,
+            "smoke_test": report}
