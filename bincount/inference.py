@@ -21,8 +21,8 @@ import base64
 import binascii
 import io
 import json
-import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "application/x-image"}
@@ -50,25 +50,47 @@ class Predictor:
     def classes(self) -> list[int]:
         return self.meta["classes"]
 
-    def predict_bytes(self, raws: list[bytes], batch_size: int = 32) -> list[dict]:
-        """Counts and per-count probabilities for encoded images."""
-        import torch
-
-        from bincount.images import decode, normalizer
+    @cached_property
+    def _normalize(self):
+        from bincount.images import normalizer
         from bincount.models import get_arch
 
         arch = get_arch(self.meta["arch"])
-        norm = normalizer(arch.mean, arch.std)
+        return normalizer(arch.mean, arch.std)
+
+    def prepare(self, raws: list[bytes]):
+        """Encoded images -> uint8 tensor (N, 3, size, size), ready for ``predict_tensors``.
+
+        Kept apart from the forward pass so that a server can decode each
+        request on its own and still put many requests through the model at once.
+        """
+        import torch
+
+        from bincount.images import decode
+
+        return torch.stack([decode(r, self.meta["image_size"]) for r in raws])
+
+    def predict_tensors(self, images, batch_size: int = 32) -> list[dict]:
+        """Counts and per-count probabilities for a uint8 batch from ``prepare``."""
+        import torch
+
         out = []
         with torch.inference_mode():
-            for start in range(0, len(raws), batch_size):
-                batch = torch.stack([decode(r, self.meta["image_size"]) for r in raws[start:start + batch_size]])
-                logits = self.model(norm(batch).to(self.device).contiguous(memory_format=torch.channels_last))
+            for start in range(0, len(images), batch_size):
+                batch = self._normalize(images[start:start + batch_size])
+                logits = self.model(batch.to(self.device).contiguous(memory_format=torch.channels_last))
                 for p in torch.softmax(logits.float(), 1).cpu().tolist():
                     best = max(range(len(p)), key=p.__getitem__)
                     out.append({"count": self.classes[best],
                                 "probabilities": {str(c): round(q, 6) for c, q in zip(self.classes, p)},
                                 "run_id": self.meta.get("run_id")})
+        return out
+
+    def predict_bytes(self, raws: list[bytes], batch_size: int = 32) -> list[dict]:
+        """Counts and per-count probabilities for encoded images."""
+        out = []
+        for start in range(0, len(raws), batch_size):  # decode per chunk: memory stays bounded
+            out.extend(self.predict_tensors(self.prepare(raws[start:start + batch_size]), batch_size))
         return out
 
 
@@ -96,19 +118,29 @@ def model_fn(model_dir: str) -> Predictor:
 
 
 def _checked_image(raw: bytes, what: str) -> bytes:
+    """``raw`` if it is a complete, readable image of at most MAX_IMAGE_PIXELS, else RequestError.
+
+    The size is checked from the header, before any pixel is decoded. (Not by
+    turning PIL's DecompressionBombWarning into an error: warnings.catch_warnings
+    changes process-wide state and is not safe with concurrent requests.)
+    """
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL itself refuses above twice this, at open
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as image:
-                image.load()
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height}")
+            # A JPEG is checked at 1/8 scale: libjpeg still reads every byte (so a
+            # truncated or corrupt file fails as at full size) but skips most of
+            # the work; the pixels are decoded properly later. Other formats: no-op.
+            image.draft(image.mode, (1, 1))
+            image.load()
     except UnidentifiedImageError:
         raise RequestError(f"{what} is not an image (JPEG or PNG expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(f"{what} has too many pixels (limit {MAX_IMAGE_PIXELS})", 413) from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - only untrusted bytes are parsed here: any failure is theirs
         raise RequestError(f"{what} could not be decoded: {e}") from None
     return raw
 
@@ -124,7 +156,7 @@ def input_fn(request_body: bytes, request_content_type: str) -> list[bytes]:
                            f"{sorted(IMAGE_TYPES | {JSON_TYPE})}", 415)
     try:
         payload = json.loads(request_body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also: bad UTF-8, over-long integers, deep nesting
         raise RequestError(f"malformed JSON: {e}") from None
     instances = payload.get("instances") if isinstance(payload, dict) else payload
     if not isinstance(instances, list) or not instances:
@@ -148,8 +180,18 @@ def predict_fn(input_data: list[bytes], model: Predictor) -> list[dict]:
     return model.predict_bytes(input_data)
 
 
-def output_fn(prediction: list[dict], accept: str = JSON_TYPE) -> str:
-    accept = (accept or JSON_TYPE).split(";")[0].strip().lower()
-    if accept not in {JSON_TYPE, "*/*"}:
+def check_accept(accept: str | None) -> str:
+    """The response type for an Accept header, or RequestError 406.
+
+    A server can call this before running the model, so a request it cannot
+    answer costs no forward pass.
+    """
+    wanted = {part.split(";")[0].strip().lower() for part in (accept or JSON_TYPE).split(",")}
+    if not wanted & {JSON_TYPE, "application/*", "*/*"}:
         raise RequestError(f"can only answer {JSON_TYPE}, not {accept!r}", 406)
+    return JSON_TYPE
+
+
+def output_fn(prediction: list[dict], accept: str = JSON_TYPE) -> str:
+    check_accept(accept)
     return json.dumps({"predictions": prediction})
