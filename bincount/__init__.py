@@ -15,6 +15,9 @@ used without Metaflow:
     package    model.tar.gz as SageMaker expects it
     serve      the local HTTP endpoint
     deploy     starting, checking and stopping an endpoint
+    champion   the champion gate: deploy only a model at least as good
+    sagemaker_endpoint  the SageMaker deploy target
+    audit      flagging bins whose photo disagrees with their record
     runs       reading runs back through the Metaflow Client
 """
 

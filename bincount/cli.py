@@ -15,11 +15,11 @@ from pathlib import Path
 def _cmd_serve(args) -> int:
     from bincount.package import build_package, extract_package
     from bincount.runs import get_run, model_of
-    from bincount.serve import serve
+    from bincount.serve import serve_with_arguments
 
     run = get_run(args.run)
     model_dir = extract_package(build_package(*model_of(run)), tempfile.mkdtemp(prefix="bincount-serve-"))
-    serve(model_dir, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes)
+    serve_with_arguments(model_dir, args, args.parser)
     return 0
 
 
@@ -75,9 +75,49 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    """0: nothing flagged; 1: some bin flagged; 2: error."""
+    import traceback
+
+    from bincount.runs import RunNotFound
+    from bincount.sources import SourceUnreachable
+
+    try:
+        return _audit(args)
+    except (RunNotFound, SourceUnreachable, OSError, ValueError) as e:
+        print(f"bincount audit: {e}", file=sys.stderr)
+    except Exception:  # noqa: BLE001 - exit status 1 means "flagged": any failure must be 2, not 1
+        traceback.print_exc()
+    return 2
+
+
+def _audit(args) -> int:
+    from bincount import audit
+    from bincount.runs import predictor_of
+    from bincount.sources import open_source
+
+    ids = audit.read_ids(args.ids) if args.ids else None
+    run = audit.choose_model_run(args.run)
+    predictor = predictor_of(run)
+    source = open_source(args.source, classes=predictor.classes)
+    source.check()  # an unusable source fails before the validation split is scored
+    threshold = audit.threshold_for_run(run, predictor, target_precision=args.target_precision)
+    if ids is None:
+        ids = list(source.list_ids())
+    # in shards, so that only one shard's photos are in memory at a time
+    parts = [audit.score_bins(source, predictor, threshold.value, candidate_ids=shard, workers=args.workers,
+                              progress=not args.quiet) for shard in audit.shards(ids, audit.DEFAULT_SHARD_SIZE)]
+    report = audit.combine(parts, threshold=threshold, model_run=run.pathspec, source=args.source,
+                           classes=predictor.classes)
+    paths = audit.write_report(report, args.out)
+    print(audit.summary_line(report))
+    print(f"report: {paths['html']}  table: {paths['csv']}")
+    return 1 if report.flagged() else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bincount.fetch import DEFAULT_WORKERS
-    from bincount.serve import DEFAULT_MAX_BODY, DEFAULT_PORT
+    from bincount.serve import add_server_arguments
 
     parser = argparse.ArgumentParser(
         prog="bincount", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,11 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a run's model on SageMaker's protocol (GET /ping, POST /invocations)")
     serve.add_argument("--run", help="run id (default: the latest successful run)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
-    serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
-                       help="larger requests get 413 (default: %(default)s)")
-    serve.set_defaults(func=_cmd_serve)
+    add_server_arguments(serve)
+    serve.set_defaults(func=_cmd_serve, parser=serve)
 
     predict = sub.add_parser("predict", help="print counts with probabilities for image files")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
@@ -109,6 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="parallel downloads")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    audit = sub.add_parser(
+        "audit", help="flag bins whose photo disagrees with their record (EXPECTED_QUANTITY)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Predict the count of every bin and compare it with the count its record expects.\n"
+                    "A bin is flagged when predicted != expected and the model's probability that the\n"
+                    "count is not the expected one, 1 - p(expected), is at least a threshold. The threshold\n"
+                    "is the lowest that reaches --target-precision at finding altered records on the run's\n"
+                    "validation split (each bin with its true count, and shifted by each of +-1 and +-2).\n"
+                    "Counts outside the model's classes are listed as not judged; unusable objects as bad.\n"
+                    "Writes audit.csv, audit.html (self-contained) and summary.json to --out.",
+        epilog="exit status: 0 nothing flagged, 1 some bin flagged, 2 error")
+    audit.add_argument("--source", required=True,
+                       help="s3://bucket[/prefix], a local folder in the bucket layout, or 'synthetic'")
+    audit.add_argument("--ids", help="only these bins: a Udacity file_list.json, or a text file with one id a line")
+    audit.add_argument("--run", help="model run id (default: the run tagged champion:local, "
+                                     "else the latest successful run)")
+    audit.add_argument("--target-precision", type=float, default=0.9,
+                       help="precision the threshold must reach on the validation split (default: %(default)s)")
+    audit.add_argument("--out", default="audit-report", help="folder for the report (default: %(default)s)")
+    audit.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="parallel downloads")
+    audit.add_argument("--quiet", action="store_true", help="no progress bars")
+    audit.set_defaults(func=_cmd_audit)
     return parser
 
 

@@ -378,10 +378,8 @@ def _env_default(parser: argparse.ArgumentParser, name: str, default, kind):
         parser.error(f"${name}: {e}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bincount.serve",
-                                     description="Serve an extracted model.tar.gz folder.")
-    parser.add_argument("--model-dir", required=True, help="folder with model.pt and model.json")
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The endpoint's options, shared by ``python -m bincount.serve`` and ``bincount serve``."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
@@ -399,11 +397,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="longest a request waits for others to join its batch; it waits only while "
                              "other requests are being read or decoded, so a lone request never waits "
                              f"(default: %(default)s; ${MAX_BATCH_DELAY_ENV} sets it)")
-    args = parser.parse_args(argv)
+
+
+def serve_with_arguments(model_dir: str | Path, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.max_batch_delay_ms < 0 or args.max_body_bytes < 1:
         parser.error("need --max-batch-delay-ms >= 0 and --max-body-bytes >= 1")
-    serve(args.model_dir, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+    serve(model_dir, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
           max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bincount.serve",
+                                     description="Serve an extracted model.tar.gz folder.")
+    parser.add_argument("--model-dir", required=True, help="folder with model.pt and model.json")
+    add_server_arguments(parser)
+    args = parser.parse_args(argv)
+    serve_with_arguments(args.model_dir, args, parser)
 
 
 if __name__ == "__main__":

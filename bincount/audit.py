@@ -1,0 +1,476 @@
+"""Inventory audit: find bins whose photo disagrees with their record.
+
+For every bin of a source the model predicts a count; the bin's record (its
+metadata's ``EXPECTED_QUANTITY``) says what the count should be. A bin is
+**flagged** when the model is confident the record is wrong::
+
+    predicted != expected  and  p_record_wrong >= threshold
+    where p_record_wrong = 1 - p(expected)
+
+the model's probability that the count is anything but the recorded one. (Once
+``predicted != expected``, ``p(expected) <= p(predicted)`` and the two sum to at
+most 1, so ``p_record_wrong`` is then at least 0.5: thresholds live in [0.5, 1].)
+
+**The threshold** is chosen on the model run's validation split, whose labels
+are right and whose photos the model did not train on. Each validation bin
+gives one true record and altered ones: its count shifted by each of -2, -1,
++1, +2 that stays within the model's classes. Every shift is enumerated rather
+than one drawn at random: the threshold is then the expectation over the
+random draw, with no seed to change it (with one seeded draw per bin, the
+threshold of the synthetic test run moved between 0.90 and 0.97 with the
+seed). Altered records are weighted so that a bin's altered records together
+weigh as much as its true one: half the records are wrong (``prevalence``).
+Scoring every record with the flag rule gives a weighted precision-recall
+curve (scikit-learn's ``precision_recall_curve``) at finding the altered
+records; the threshold is the lowest one whose precision is at least the
+target (default 90%). If no threshold reaches the target, the one with the
+highest precision is used (the lowest of those) and the report says the target
+was not reached. The precision holds for a mix where half the records are
+wrong; where wrong records are rarer it is lower. Its 95% Wilson interval
+(counting each bin once) shows how much the estimate can be trusted.
+
+Counts outside the model's classes (0 or 7 for a 1-5 model) cannot be judged:
+such bins are listed as *not judged* with the reason. Unusable objects
+(missing or malformed metadata, missing or non-image photos) are listed as
+*bad* with the reason ``fetch_subset`` gave. Nothing is dropped silently.
+
+The CLI (``bincount audit``) and ``flows/audit_flow.py`` are thin callers of
+the functions here; both read data through ``open_source``/``fetch_subset`` and
+score with ``bincount.inference``, like everything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from bincount.fetch import DEFAULT_WORKERS, BadInput, describe_classes, fetch_subset, parse_label, read_file_list
+from bincount.sources import MissingObject, Source, metadata_key
+
+DEFAULT_TARGET_PRECISION = 0.9
+DEFAULT_SHIFTS = (-2, -1, 1, 2)
+DEFAULT_SHARD_SIZE = 500
+MAX_THUMBNAILS = 1000  # flagged bins shown with a photo in the HTML (most confident first); all are in the CSV
+THUMBNAIL_PX = 160
+CSV_COLUMNS = ["id", "expected", "predicted", "p_predicted", "p_record_wrong", "flagged", "status", "reason"]
+JUDGED, NOT_JUDGED, BAD = "judged", "not judged", "bad"
+
+
+# --- which bins --------------------------------------------------------------
+
+def read_ids(path: str | Path) -> list[str]:
+    """Bin ids from a Udacity ``file_list.json`` or a text file with one id per line.
+
+    In a text file, blank lines and lines starting with ``#`` are ignored, and
+    ``metadata/<id>.json`` or ``bin-images/<id>.jpg`` lines are read as ``<id>``.
+    Ids stay strings ('00526' and '526' are different bins).
+    """
+    text = Path(path).read_text()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return read_file_list(path)
+    if parsed is not None and not isinstance(parsed, (int, float)):
+        # bare numbers parse as JSON too: a one-id text file is still a text file
+        raise ValueError(f"{path}: expected a file_list.json object or one bin id per line")
+    ids = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name = PurePosixPath(line).name
+        ids.append(PurePosixPath(name).stem if name.endswith((".json", ".jpg")) else name)
+    return ids
+
+
+def shards(ids: list[str], size: int) -> list[list[str]]:
+    """``ids`` in consecutive pieces of at most ``size`` (at least one piece, maybe empty).
+
+    A repeated id is kept once (its first place), so no bin is audited twice.
+    """
+    if size < 1:
+        raise ValueError(f"shard size must be at least 1, got {size}")
+    ids = list(dict.fromkeys(ids))
+    return [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
+
+
+# --- the flag rule -----------------------------------------------------------
+
+def p_record_wrong(probabilities: dict[str, float], expected: int) -> float:
+    """The model's probability that the count is not ``expected``."""
+    return round(1.0 - float(probabilities[str(expected)]), 6)  # probabilities come rounded to 6 places
+
+
+def flag_score(prediction: dict, expected: int) -> float:
+    """``p_record_wrong`` when the model predicts another count, else 0 (never flagged)."""
+    if prediction["count"] == expected:
+        return 0.0
+    return p_record_wrong(prediction["probabilities"], expected)
+
+
+def is_flagged(prediction: dict, expected: int, threshold: float) -> bool:
+    """The flag rule: predicted != expected and p_record_wrong >= threshold."""
+    return prediction["count"] != expected and p_record_wrong(prediction["probabilities"], expected) >= threshold
+
+
+# --- choosing the threshold --------------------------------------------------
+
+@dataclass
+class Threshold:
+    """The flag threshold and how it did on simulated records."""
+
+    value: float
+    target_precision: float
+    reached: bool  # some threshold had precision >= target
+    precision: float | None  # at ``value``, on the simulated records (None: nothing was ever flagged)
+    recall: float | None
+    n_bins: int = 0  # validation bins
+    n_records: int = 0  # simulated records (each bin: one true, up to four altered)
+    n_altered: int = 0
+    n_flagged: int = 0  # simulated records flagged at ``value``
+    flagged_weight: float = 0.0  # the same in bins (an altered record weighs 1/its bin's altered records)
+    precision_interval: list[float] | None = None  # 95% Wilson interval, n = flagged_weight
+    prevalence: float = 0.5  # share of altered records the precision assumes
+    run: str | None = None  # the model run whose validation split chose it
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> list[float] | None:
+    """The Wilson score interval of a proportion (95% for z=1.96); None when n is 0."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def simulate_records(labels: list[int], classes: list[int], *, shifts: tuple[int, ...] = DEFAULT_SHIFTS
+                     ) -> tuple[list[int], list[int], list[bool], list[float]]:
+    """Records for bins whose true counts are ``labels``: each bin as is, and altered by each shift.
+
+    Returns (bin index, recorded count, altered?, weight) lists. A true record
+    weighs 1; a bin's altered records (its count plus each of ``shifts`` that
+    stays within ``classes``) share a weight of 1.
+    """
+    allowed = set(classes)
+    index, expected, altered, weight = [], [], [], []
+    for i, label in enumerate(labels):
+        options = [label + s for s in shifts if label + s in allowed]
+        for recorded, is_altered, w in [(label, False, 1.0)] + [(o, True, 1 / len(options)) for o in options]:
+            index.append(i), expected.append(recorded), altered.append(is_altered), weight.append(w)
+    return index, expected, altered, weight
+
+
+def choose_threshold(scores, altered, *, target_precision: float = DEFAULT_TARGET_PRECISION,
+                     sample_weight=None) -> tuple[float, float | None, float | None, bool]:
+    """The lowest threshold on ``scores`` (flag when score >= threshold) with precision >= target.
+
+    ``scores`` are flag scores (0 = never flagged); ``altered`` says which
+    records are wrong. Returns (threshold, precision, recall, reached). If no
+    threshold reaches the target, the one with the highest precision (the
+    lowest such) is returned with ``reached`` False. If no record can be
+    flagged at all, (1.0, None, 0.0, False).
+    """
+    import numpy as np
+    from sklearn.metrics import precision_recall_curve
+
+    scores = np.asarray(scores, dtype=float)
+    altered = np.asarray(altered, dtype=bool)
+    if not (scores > 0).any() or not altered.any():
+        return 1.0, None, 0.0, False
+    precision, recall, thresholds = precision_recall_curve(altered, scores, sample_weight=sample_weight)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    usable = thresholds > 0  # a threshold of 0 would flag bins the model agrees with
+    precision, recall, thresholds = precision[usable], recall[usable], thresholds[usable]
+    ok = np.flatnonzero(precision >= target_precision - 1e-12)
+    reached = ok.size > 0
+    # thresholds ascend: the first index is the lowest threshold
+    i = int(ok[0]) if reached else int(np.flatnonzero(precision == precision.max())[0])
+    return float(thresholds[i]), float(precision[i]), float(recall[i]), reached
+
+
+def threshold_from_predictions(labels: list[int], predictions: list[dict], classes: list[int], *,
+                               target_precision: float = DEFAULT_TARGET_PRECISION,
+                               prevalence: float = 0.5, run: str | None = None) -> Threshold:
+    """Choose the threshold from predictions on bins whose ``labels`` are right."""
+    if not 0 < target_precision <= 1:
+        raise ValueError(f"target precision must be in (0, 1], got {target_precision}")
+    if not 0 < prevalence < 1:
+        raise ValueError(f"prevalence must be in (0, 1), got {prevalence}")
+    index, expected, altered, weight = simulate_records(labels, classes)
+    scores = [flag_score(predictions[i], e) for i, e in zip(index, expected)]
+    weights = [w * (prevalence if a else 1 - prevalence) for w, a in zip(weight, altered)]
+    value, precision, recall, reached = choose_threshold(scores, altered, target_precision=target_precision,
+                                                         sample_weight=weights)
+    if reached:
+        note = f"the lowest threshold with precision >= {target_precision:.0%} on simulated records"
+    elif precision is None:
+        note = "the model never disagreed with a record: nothing can be flagged (threshold set to 1)"
+    else:
+        note = (f"no threshold reached {target_precision:.0%} precision on simulated records; "
+                f"using the most precise one ({precision:.0%})")
+    flagged = [s > 0 and s >= value for s in scores]
+    # in bins: each bin counts once however many altered records it gave (at prevalence 0.5)
+    flagged_weight = sum(w for w, f in zip(weight, flagged) if f)
+    interval = wilson_interval(sum(w for w, f, a in zip(weight, flagged, altered) if f and a), flagged_weight)
+    precision, recall = (None if x is None else round(x, 6) for x in (precision, recall))
+    return Threshold(value=value, target_precision=target_precision, reached=reached, precision=precision,
+                     recall=recall, n_bins=len(labels), n_records=len(altered), n_altered=sum(altered),
+                     n_flagged=sum(flagged), flagged_weight=round(flagged_weight, 4), precision_interval=interval,
+                     prevalence=prevalence, run=run, note=note)
+
+
+def validation_set(run) -> tuple[list[bytes], list[int]]:
+    """The photos and (correct) counts of a BinCountFlow run's validation split."""
+    data = run.data
+    table = data.split_table
+    val = table[table["split"] == "val"]
+    if val.empty:
+        raise ValueError(f"run {run.pathspec} has no validation bins to choose a threshold on")
+    images = data.images
+    return [images[i] for i in val["id"]], [int(x) for x in val["label"]]
+
+
+def threshold_for_run(run, predictor, *, target_precision: float = DEFAULT_TARGET_PRECISION,
+                      prevalence: float = 0.5) -> Threshold:
+    """Score ``run``'s validation split with ``predictor`` and choose the threshold."""
+    images, labels = validation_set(run)
+    predictions = predictor.predict_bytes(images)
+    return threshold_from_predictions(labels, predictions, predictor.classes, target_precision=target_precision,
+                                      prevalence=prevalence, run=run.pathspec)
+
+
+def choose_model_run(run_id: str | None = None, *, target: str = "local"):
+    """``run_id``'s run, else the champion for ``target``, else the latest successful run."""
+    from bincount.champion import current_champion
+    from bincount.runs import get_run
+
+    if run_id:
+        return get_run(run_id)
+    return current_champion(target) or get_run(None)
+
+
+# --- scoring bins ------------------------------------------------------------
+
+@dataclass
+class AuditPart:
+    """What scoring some bins gave: one row per bin, and thumbnails of the flagged ones."""
+
+    rows: list[dict] = field(default_factory=list)
+    thumbnails: dict[str, str] = field(default_factory=dict)  # id -> data: URI
+
+
+def thumbnail_uri(raw: bytes, size: int = THUMBNAIL_PX) -> str:
+    """A small JPEG of the photo as a ``data:`` URI (no external file or URL)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _row(bin_id, status, *, expected=None, predicted=None, p_predicted=None, p_wrong=None, flagged=False,
+         reason="") -> dict:
+    return {"id": bin_id, "expected": expected, "predicted": predicted, "p_predicted": p_predicted,
+            "p_record_wrong": p_wrong, "flagged": flagged, "status": status, "reason": reason}
+
+
+def _recorded_count(source: Source, bin_id: str) -> int | None:
+    try:
+        return parse_label(source.read(metadata_key(bin_id)))
+    except (MissingObject, BadInput):
+        return None
+
+
+def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: list[str] | None = None,
+               workers: int = DEFAULT_WORKERS, progress: bool = True, batch_size: int = 32) -> AuditPart:
+    """Audit ``candidate_ids`` (default: every bin ``source`` lists) with the flag rule.
+
+    Rows come in the order of ``candidate_ids`` (or the source's listing).
+    """
+    classes = predictor.classes
+    if candidate_ids is None:
+        candidate_ids = list(source.list_ids())
+    order = list(dict.fromkeys(candidate_ids))
+    subset = fetch_subset(source, classes=classes, per_class=None, candidate_ids=order, workers=workers,
+                          progress=progress)
+    rows: dict[str, dict] = {}
+    # fetch_subset skips counts outside the classes like any bad object; tell them
+    # apart by reading the record again (only skipped bins, so few reads).
+    skipped = dict(subset.skipped)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(skipped) or 1))) as pool:
+        recorded = dict(zip(skipped, pool.map(lambda i: _recorded_count(source, i), skipped)))
+    for bin_id, reason in skipped.items():
+        count = recorded[bin_id]
+        if count is not None and count not in classes:
+            rows[bin_id] = _row(bin_id, NOT_JUDGED, expected=count,
+                                reason=f"expected count {count} is outside the model's classes "
+                                       f"{describe_classes(classes)}")
+        else:
+            rows[bin_id] = _row(bin_id, BAD, reason=reason)
+    part = AuditPart()
+    predictions = predictor.predict_bytes([subset.images[i] for i in subset.ids], batch_size=batch_size)
+    for bin_id, expected, prediction in zip(subset.ids, subset.labels, predictions):
+        predicted = prediction["count"]
+        flagged = is_flagged(prediction, expected, threshold)
+        rows[bin_id] = _row(bin_id, JUDGED, expected=expected, predicted=predicted,
+                            p_predicted=float(prediction["probabilities"][str(predicted)]),
+                            p_wrong=p_record_wrong(prediction["probabilities"], expected), flagged=flagged)
+        if flagged:
+            part.thumbnails[bin_id] = thumbnail_uri(subset.images[bin_id])
+    part.rows = [rows[i] for i in order if i in rows]
+    return part
+
+
+# --- the report --------------------------------------------------------------
+
+@dataclass
+class AuditReport:
+    rows: list[dict]
+    thumbnails: dict[str, str]
+    threshold: Threshold
+    model_run: str
+    source: str
+    classes: list[int]
+
+    def flagged(self) -> list[dict]:
+        """Flagged rows, most confident first."""
+        return sorted((r for r in self.rows if r["flagged"]), key=lambda r: (-r["p_record_wrong"], r["id"]))
+
+    def summary(self) -> dict:
+        by_status = {s: sum(r["status"] == s for r in self.rows) for s in (JUDGED, NOT_JUDGED, BAD)}
+        return {"model_run": self.model_run, "source": self.source, "classes": self.classes,
+                "bins": len(self.rows), "judged": by_status[JUDGED], "flagged": len(self.flagged()),
+                "not_judged": by_status[NOT_JUDGED], "bad": by_status[BAD],
+                "threshold": self.threshold.as_dict()}
+
+
+def combine(parts: list[AuditPart], **report_fields) -> AuditReport:
+    """One report from the parts of a sharded audit, rows in shard order."""
+    rows, thumbnails = [], {}
+    for part in parts:
+        rows.extend(part.rows)
+        thumbnails.update(part.thumbnails)
+    return AuditReport(rows=rows, thumbnails=thumbnails, **report_fields)
+
+
+def rows_table(rows: list[dict]):
+    """The rows as a DataFrame with CSV_COLUMNS (nullable ints for counts)."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    for column in ("expected", "predicted"):
+        table[column] = table[column].astype("Int64")
+    for column in ("p_predicted", "p_record_wrong"):
+        table[column] = table[column].astype(float).round(6)
+    table["flagged"] = table["flagged"].astype(bool)
+    table["id"] = table["id"].astype(str)
+    return table
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    rows_table(rows).to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
+    return buf.getvalue()
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _interval(interval) -> str:
+    return "" if interval is None else f"; precision 95% interval {interval[0]:.0%} to {interval[1]:.0%}"
+
+
+def render_html(report: AuditReport, *, max_thumbnails: int = MAX_THUMBNAILS) -> str:
+    """A self-contained HTML page: no external stylesheet, script, font or image."""
+    e = html.escape
+    s = report.summary()
+    t = report.threshold
+    flagged = report.flagged()
+    reached = ("" if t.reached else f" <strong class=warn>(target {t.target_precision:.0%} not reached)</strong>")
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>Inventory audit: {s['flagged']} flagged of {s['judged']}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:middle}"
+        "th{background:#f2f2f2}.warn{color:#a40000}.num{text-align:right}img{display:block}</style>",
+        "</head><body>",
+        "<h1>Inventory audit</h1>",
+        "<table class=summary>",
+        f"<tr><th>model run</th><td>{e(s['model_run'])}</td></tr>",
+        f"<tr><th>source</th><td>{e(s['source'])}</td></tr>",
+        f"<tr><th>bins</th><td>{s['bins']}: {s['judged']} judged, <strong>{s['flagged']} flagged</strong>, "
+        f"{s['not_judged']} not judged, {s['bad']} bad</td></tr>",
+        f"<tr><th>flag rule</th><td>predicted &ne; expected and P(count &ne; expected) &ge; "
+        f"<strong>{t.value:.3f}</strong></td></tr>",
+        f"<tr><th>threshold chosen on</th><td>{t.n_bins} validation bins of {e(str(t.run))}, each with its true "
+        f"record and its record altered by each of &plusmn;1 and &plusmn;2 within the classes "
+        f"({t.n_records} records, altered ones weighted to half); {e(t.note)}</td></tr>",
+        f"<tr><th>validation precision / recall</th><td>{_pct(t.precision)} / {_pct(t.recall)}{reached} "
+        f"(at {t.prevalence:.0%} altered records; precision is lower where wrong records are rarer)</td></tr>",
+        f"<tr><th>validation records flagged</th><td>{t.n_flagged} of {t.n_records} ({t.n_altered} altered; "
+        f"{t.flagged_weight:g} bins' worth){_interval(t.precision_interval)}</td></tr>",
+        "</table>",
+        f"<h2>Flagged ({len(flagged)})</h2>",
+    ]
+    if flagged:
+        shown = flagged[:max_thumbnails]
+        if len(flagged) > len(shown):
+            out.append(f"<p>The {len(shown)} most confident are shown with a photo; all are in the CSV.</p>")
+        out.append("<table><tr><th>photo</th><th>id</th><th>expected</th><th>predicted</th>"
+                   "<th>confidence in predicted</th><th>P(record wrong)</th></tr>")
+        for i, r in enumerate(flagged):
+            uri = report.thumbnails.get(r["id"]) if i < max_thumbnails else None
+            photo = f'<img src="{uri}" alt="bin {e(r["id"])}" width={THUMBNAIL_PX}>' if uri else ""
+            out.append(f"<tr><td>{photo}</td><td>{e(r['id'])}</td><td class=num>{r['expected']}</td>"
+                       f"<td class=num>{r['predicted']}</td><td class=num>{r['p_predicted']:.1%}</td>"
+                       f"<td class=num>{r['p_record_wrong']:.1%}</td></tr>")
+        out.append("</table>")
+    else:
+        out.append("<p>Nothing flagged.</p>")
+    for status, title in ((NOT_JUDGED, "Not judged"), (BAD, "Bad objects")):
+        rows = [r for r in report.rows if r["status"] == status]
+        out.append(f"<h2>{title} ({len(rows)})</h2>")
+        if rows:
+            out.append("<table><tr><th>id</th><th>expected</th><th>reason</th></tr>")
+            out.extend(f"<tr><td>{e(r['id'])}</td><td>{'' if r['expected'] is None else r['expected']}</td>"
+                       f"<td>{e(r['reason'])}</td></tr>" for r in rows)
+            out.append("</table>")
+    out.append("<p>Every bin, with its expected and predicted count, is in <code>audit.csv</code>.</p>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def write_report(report: AuditReport, out_dir: str | Path) -> dict[str, Path]:
+    """Write audit.csv, audit.html and summary.json under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "audit.csv", "html": out_dir / "audit.html", "summary": out_dir / "summary.json"}
+    paths["csv"].write_text(to_csv(report.rows))
+    paths["html"].write_text(render_html(report))
+    paths["summary"].write_text(json.dumps(report.summary(), indent=2) + "\n")
+    return paths
+
+
+def summary_line(report: AuditReport) -> str:
+    s, t = report.summary(), report.threshold
+    return (f"flagged {s['flagged']} of {s['judged']} judged bins ({s['not_judged']} not judged, {s['bad']} bad); "
+            f"threshold {t.value:.3f}: validation precision {_pct(t.precision)}, recall {_pct(t.recall)} "
+            f"({t.n_flagged} of {t.n_records} records flagged{_interval(t.precision_interval)})"
+            + ("" if t.reached else f" (target {t.target_precision:.0%} not reached)"))

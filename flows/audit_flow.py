@@ -1,0 +1,111 @@
+"""Inventory audit at scale: flag bins whose photo disagrees with their record.
+
+    start -> list_ids -> score (foreach shard) -> join -> end
+
+start picks the model (--run, else the run tagged champion:local, else the
+latest successful BinCountFlow run) and chooses the flag threshold on that
+run's validation split; list_ids lists the bins of --source (or reads --ids);
+each score task fetches and scores one shard with the same data path
+(open_source, fetch_subset) and handler (bincount.inference) as everything
+else; join writes one report (audit.csv, audit.html, summary.json) to --out
+and keeps it as artifacts. The logic is in bincount/audit.py.
+
+    python flows/audit_flow.py run --source ../shared/abid-sample --out audit-report
+    python flows/audit_flow.py run --source s3://aft-vbi-pds --ids ids.txt --shard-size 1000
+"""
+
+import os
+
+from metaflow import FlowSpec, Parameter, step
+
+
+class AuditFlow(FlowSpec):
+    source = Parameter("source", required=True,
+                       help="s3://bucket[/prefix], a local folder in the bucket layout, or 'synthetic'.")
+    ids = Parameter("ids", default="",
+                    help="Only these bins: a Udacity file_list.json or a text file with one id a line.")
+    model_run_id = Parameter("run", default="",
+                             help="BinCountFlow run id of the model (default: the run tagged champion:local, "
+                                  "else the latest successful run).")
+    target_precision = Parameter("target-precision", default=0.9, type=float,
+                                 help="Precision the threshold must reach on the validation split.")
+    shard_size = Parameter("shard-size", default=500, type=int, help="Bins per scoring task.")
+    out = Parameter("out", default="audit-report", help="Folder for audit.csv, audit.html and summary.json.")
+    workers = Parameter("workers", default=32, type=int, help="Parallel downloads per scoring task.")
+
+    @step
+    def start(self):
+        """Choose the model run and the threshold (on that run's validation split)."""
+        from bincount.audit import choose_model_run, threshold_for_run
+        from bincount.inference import load_predictor
+        from bincount.runs import model_of
+
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
+        run = choose_model_run(self.model_run_id or None)
+        self.model_run = run.pathspec
+        self.model_state, self.model_meta = model_of(run)  # kept here: the shards need no other run
+        predictor = load_predictor(self.model_state, self.model_meta)
+        self.threshold = threshold_for_run(run, predictor, target_precision=self.target_precision).as_dict()
+        self.out_dir = os.path.abspath(self.out)
+        print(f"model {self.model_run}; threshold {self.threshold['value']:.3f} "
+              f"({self.threshold['note']})")
+        self.next(self.list_ids)
+
+    @step
+    def list_ids(self):
+        """The bins to audit, in shards."""
+        from bincount.audit import read_ids, shards
+        from bincount.sources import open_source
+
+        if self.ids:
+            ids = read_ids(self.ids)
+        else:
+            source = open_source(self.source, classes=self.model_meta["classes"])
+            source.check()
+            ids = list(source.list_ids())
+        self.n_ids = len(ids)
+        self.shards = shards(ids, self.shard_size)
+        print(f"{self.n_ids} bins in {len(self.shards)} shards")
+        self.next(self.score, foreach="shards")
+
+    @step
+    def score(self):
+        """Fetch and score one shard."""
+        from bincount.audit import score_bins
+        from bincount.inference import load_predictor
+        from bincount.sources import open_source
+
+        predictor = load_predictor(self.model_state, self.model_meta)
+        source = open_source(self.source, classes=predictor.classes, max_pool_connections=self.workers)
+        part = score_bins(source, predictor, self.threshold["value"], candidate_ids=self.input,
+                          workers=self.workers)
+        self.rows, self.thumbnails = part.rows, part.thumbnails
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        """One report from every shard: written to --out and kept as artifacts."""
+        from bincount.audit import AuditPart, Threshold, combine, render_html, rows_table, summary_line, to_csv
+        from bincount.audit import write_report
+
+        self.merge_artifacts(inputs, exclude=["rows", "thumbnails"])
+        report = combine([AuditPart(inp.rows, inp.thumbnails) for inp in inputs],
+                         threshold=Threshold(**self.threshold), model_run=self.model_run, source=self.source,
+                         classes=self.model_meta["classes"])
+        self.audit = rows_table(report.rows)  # id, expected, predicted, ..., flagged, status, reason
+        self.flagged_ids = [r["id"] for r in report.flagged()]
+        self.summary = report.summary()
+        self.report_csv = to_csv(report.rows)
+        self.report_html = render_html(report)
+        self.report_paths = {k: str(v) for k, v in write_report(report, self.out_dir).items()}
+        print(summary_line(report))
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print(f"{self.summary['flagged']} flagged; report: {self.report_paths['html']}")
+
+
+if __name__ == "__main__":
+    AuditFlow()
