@@ -103,7 +103,10 @@ def evaluate_tensors(model, x, y, *, mean, std, batch_size: int, device: str, dt
 
 
 def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean, std, device, dtype,
-                    generator, progress: bool, epoch: int):
+                    generator, progress: bool, epoch: int, timings: dict | None = None):
+    """One pass over ``x``; mean loss and accuracy. ``timings`` (if given) gets the seconds spent
+    preparing batches (augmentation, normalisation, copy to the device) and computing
+    (forward, backward, optimizer step)."""
     import torch
     from bincount.progress import progress_bar
 
@@ -111,14 +114,17 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
+    data_seconds = compute_seconds = 0.0
     steps = math.ceil(len(x) / cfg.batch_size)
     bar = progress_bar(_batches(len(x), cfg.batch_size, generator), total=steps, disable=not progress,
                desc=f"{cfg.name} epoch {epoch}", unit=" batch", leave=False)
     for idx in bar:
+        t0 = time.perf_counter()
         # Per-image augmentation: v2 transforms treat a batch as one image.
         batch = torch.stack([augment(img) for img in x[idx]])
         inputs = norm(batch).to(device).contiguous(memory_format=torch.channels_last)
         targets = y[idx].to(device)
+        t1 = time.perf_counter()
         with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(inputs)
         loss = criterion(logits.float(), targets)
@@ -129,8 +135,32 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean
         loss_sum += loss.item() * len(idx)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(idx)
+        data_seconds += t1 - t0
+        compute_seconds += time.perf_counter() - t1  # .item() above waited for the device
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+    if timings is not None:
+        timings.update(data_seconds=data_seconds, compute_seconds=compute_seconds)
     return loss_sum / seen, correct / seen
+
+
+def resource_usage(device: str, cpu_seconds: float, wall_seconds: float) -> dict:
+    """This process's CPU use over ``wall_seconds`` (percent of the cores it may use), its peak
+    memory, and on CUDA the peak GPU memory (reset here) and utilisation (if NVML answers)."""
+    import resource
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usage = {"cpu_percent": 100 * cpu_seconds / max(wall_seconds, 1e-9) / cores,
+             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "cuda":
+        usage["gpu_max_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            usage["gpu_utilization_percent"] = float(torch.cuda.utilization())
+        except Exception:  # noqa: BLE001 - needs pynvml/NVML; optional
+            pass
+    return usage
 
 
 def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes: int, seed: int = 0,
@@ -156,16 +186,19 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     result = TrainResult(config=cfg.as_dict(), state_dict=b"", device=device)
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
+        t0, cpu0, timings = time.perf_counter(), time.process_time(), {}
         train_loss, train_acc = train_one_epoch(
             model, optimizer, scheduler, train_x, train_y, cfg=cfg, mean=arch.mean, std=arch.std,
-            device=device, dtype=dtype, generator=generator, progress=progress, epoch=epoch)
+            device=device, dtype=dtype, generator=generator, progress=progress, epoch=epoch, timings=timings)
         train_time = time.perf_counter() - t0
         val_loss, val_acc = evaluate_tensors(model, val_x, val_y, mean=arch.mean, std=arch.std,
                                              batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
+        epoch_seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-               "val_loss": val_loss, "val_accuracy": val_acc, "epoch_seconds": time.perf_counter() - t0,
-               "train_images_per_second": len(train_x) / train_time, "lr": scheduler.get_last_lr()[0]}
+               "val_loss": val_loss, "val_accuracy": val_acc, "epoch_seconds": epoch_seconds,
+               "train_images_per_second": len(train_x) / train_time, "lr": scheduler.get_last_lr()[0],
+               **timings, "val_seconds": epoch_seconds - train_time,
+               **resource_usage(device, time.process_time() - cpu0, epoch_seconds)}
         result.history.append(row)
         print(f"{cfg.name} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.3f} acc {train_acc:.3f} | "
               f"val loss {val_loss:.3f} acc {val_acc:.3f} | {row['train_images_per_second']:.1f} img/s")

@@ -15,7 +15,9 @@ re-imports this file.
 
 import os
 
-from metaflow import Config, FlowSpec, Parameter, current, step
+from metaflow import Config, FlowSpec, Parameter, card, current, step
+
+from bincount import cards
 
 DEFAULT_GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids", "default.json")
 DEPLOY_TARGETS = ("local", "sagemaker", "none")
@@ -67,6 +69,7 @@ class BinCountFlow(FlowSpec):
         self.grid_points = [c.as_dict() for c in expand_grid(self.grid.to_dict())]
         self.next(self.fetch_subset)
 
+    @card(type="blank", id="report")
     @step
     def fetch_subset(self):
         """Choose and download a class-balanced subset; record what was skipped and why."""
@@ -86,8 +89,10 @@ class BinCountFlow(FlowSpec):
         self.skipped = subset.skipped_table()
         self.class_counts = subset.class_counts()
         print(f"kept {len(subset.ids)} bins {self.class_counts}; skipped {len(self.skipped)}")
+        cards.fetch_card(current.card, self)
         self.next(self.split)
 
+    @card(type="blank", id="report")
     @step
     def split(self):
         """Stratified, seeded train/val/test split."""
@@ -98,8 +103,10 @@ class BinCountFlow(FlowSpec):
                                      seed=self.seed)
         self.split_counts = split_counts(self.split_table)
         print(self.split_counts)
+        cards.split_card(current.card, self)
         self.next(self.train, foreach="grid_points")
 
+    @card(type="blank", id="report")
     @step
     def train(self):
         """Train one grid point; keep its curves, scores and best weights."""
@@ -113,8 +120,10 @@ class BinCountFlow(FlowSpec):
         self.history = result.history
         self.scores = {k: v for k, v in asdict(result).items() if k not in {"state_dict", "history"}}
         self.state_dict = result.state_dict
+        cards.train_card(current.card, self)
         self.next(self.join)
 
+    @card(type="blank", id="report")
     @step
     def join(self, inputs):
         """Keep the best grid point by validation accuracy, and a table of all of them."""
@@ -134,8 +143,10 @@ class BinCountFlow(FlowSpec):
         self.merge_artifacts(inputs, exclude=["history", "scores", "state_dict"])
         self.model_meta["classes"] = self.class_list
         print(self.grid_results[["name", "val_accuracy", "val_loss", "best_epoch"]].to_string(index=False))
+        cards.join_card(current.card, self)
         self.next(self.evaluate)
 
+    @card(type="blank", id="report")
     @step
     def evaluate(self):
         """Score the chosen model on the test split with the same handler the endpoint uses."""
@@ -150,8 +161,10 @@ class BinCountFlow(FlowSpec):
                                           self.class_list)
         print(f"test accuracy {self.test_metrics['accuracy']:.3f}, RMSE {self.test_metrics['rmse']:.3f}, "
               f"MAE {self.test_metrics['mae']:.3f} on {self.test_metrics['n']} bins")
+        cards.evaluate_card(current.card, self)
         self.next(self.deploy)
 
+    @card(type="blank", id="report")
     @step
     def deploy(self):
         """Deploy if the model beats the target's champion; smoke-test the endpoint."""
@@ -176,6 +189,7 @@ class BinCountFlow(FlowSpec):
                                           self.deploy_config.to_dict()))
             self.deployment["replaced"] = crown(current.run_id, self.deploy_target)
             print(f"deployed to {self.deploy_target}: {self.deployment['smoke_test']}")
+        cards.deploy_card(current.card, self)
         self.next(self.end)
 
     @step

@@ -1,0 +1,570 @@
+"""Run reports: the components of each step's Metaflow card, built from its artifacts.
+
+Each ``*_card(card, flow)`` function is called on the last line of a step with
+``current.card`` and the step's ``self``; it reads artifacts and appends
+components. The components are built by plain functions (``*_components``)
+that take artifacts and return a list, so they can be used and tested without
+a run.
+
+Everything here works offline: charts are matplotlib figures rendered to PNG
+(through ``matplotlib.figure.Figure``, never pyplot, so no GUI backend is
+touched) and photos are small JPEG thumbnails, embedded in the card as
+``Image`` components. No VegaChart: the card must not depend on anything it
+would fetch.
+
+A card never fails a run: if building one raises, ``appends_safely`` prints a
+warning on stderr, puts an ``Error`` component (with the traceback) in the
+card instead, and the step carries on.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import sys
+import traceback
+
+THUMBNAIL_PX = 96
+PHOTOS_PER_COUNT = 5
+WORST_MISTAKES = 12
+CALIBRATION_BINS = 10
+WINNER_MARK = "★ chosen"
+
+
+# --- plumbing ----------------------------------------------------------------
+
+def appends_safely(build):
+    """Turn ``build(flow) -> [components]`` into ``f(card, flow)`` that appends them, and never raises."""
+
+    @functools.wraps(build)
+    def append(card, *args, **kwargs):
+        try:
+            components = list(build(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - a report must never cost the run
+            print(f"warning: card {build.__name__} could not be built, the step goes on: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+            try:
+                components = _error_components(build.__name__, e)
+            except Exception:  # noqa: BLE001
+                components = []
+        try:
+            for component in components:
+                card.append(component)
+        except Exception as e:  # noqa: BLE001 - e.g. no @card on the step
+            print(f"warning: card {build.__name__} could not be appended: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+        return components
+
+    return append
+
+
+def _error_components(name: str, error: Exception) -> list:
+    from metaflow.cards import Markdown
+
+    return [Markdown(f"## This report could not be built\n\n`{name}` raised `{type(error).__name__}: "
+                     f"{error}`. The step itself went on; its artifacts are intact."),
+            Markdown("```\n" + "".join(traceback.format_exception(error))[-4000:] + "\n```")]
+
+
+def _md(text: str):
+    from metaflow.cards import Markdown
+
+    return Markdown(text)
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _image(fig, label: str | None = None):
+    """A matplotlib Figure as an embedded PNG ``Image``."""
+    from metaflow.cards import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return Image(buf.getvalue(), label=label)
+
+
+def thumbnail(jpeg: bytes, px: int = THUMBNAIL_PX) -> bytes:
+    """A photo shrunk to at most ``px`` on a side, as JPEG bytes."""
+    from PIL import Image as PILImage
+
+    with PILImage.open(io.BytesIO(jpeg)) as img:
+        img = img.convert("RGB")
+        img.thumbnail((px, px))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
+def _photo(jpeg: bytes, label: str | None = None):
+    from metaflow.cards import Image
+
+    return Image(thumbnail(jpeg), label=label)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _table(rows: list[list], headers: list[str]):
+    from metaflow.cards import Table
+
+    return Table([[c if hasattr(c, "render") else _fmt(c) for c in row] for row in rows] or [[]],
+                 headers=headers)
+
+
+def _kv_table(mapping: dict, headers=("", "")):
+    return _table([[k, v] for k, v in mapping.items()], list(headers))
+
+
+def _df_table(df, index: bool = False):
+    frame = df.reset_index() if index else df
+    return _table(frame.values.tolist(), [str(c) for c in frame.columns])
+
+
+# --- fetch_subset --------------------------------------------------------------
+
+def class_histogram(class_counts: dict, title: str = "Bins kept per count"):
+    fig, ax = _figure(5, 2.6)
+    ax = ax[0, 0]
+    labels = [str(c) for c in class_counts]
+    bars = ax.bar(labels, list(class_counts.values()), color="#4c72b0")
+    ax.bar_label(bars)
+    ax.margins(y=0.15)
+    ax.set(xlabel="items in the bin", ylabel="bins", title=title)
+    return _image(fig, title)
+
+
+def photo_grid(subset, images: dict, per_count: int = PHOTOS_PER_COUNT):
+    """A table: one row per count, the first ``per_count`` photos of that count as thumbnails."""
+    rows = []
+    for label, ids in subset.groupby("label", sort=True)["id"]:
+        photos = [_photo(images[i], i) for i in list(ids)[:per_count] if i in images]
+        rows.append([f"{label}"] + photos + [""] * (per_count - len(photos)))
+    return _table(rows, ["count"] + [f"photo {k + 1}" for k in range(per_count)])
+
+
+def skipped_components(skipped) -> list:
+    if skipped is None or len(skipped) == 0:
+        return [_md("## Skipped objects\n\nNone: every chosen object was a readable photo with a valid count.")]
+    reason_kind = skipped["reason"].astype(str).str.split(":").str[0]
+    summary = reason_kind.value_counts()
+    return [_md(f"## Skipped objects ({len(skipped)})\n\nEach object left out of the subset, and why."),
+            _table([[k, v] for k, v in summary.items()], ["reason", "objects"]),
+            _df_table(skipped[["id", "reason"]])]
+
+
+def fetch_components(subset, skipped, class_counts: dict, images: dict, source: str = "") -> list:
+    return [_md(f"# Subset\n\n{len(subset)} bins kept, {len(skipped)} skipped"
+                + (f", from `{source}`" if source else "") + "."),
+            class_histogram(class_counts),
+            _md(f"## Sample photos per count\n\nThe first {PHOTOS_PER_COUNT} photos of each count "
+                f"(thumbnails, at most {THUMBNAIL_PX} px)."),
+            photo_grid(subset, images),
+            *skipped_components(skipped)]
+
+
+@appends_safely
+def fetch_card(flow) -> list:
+    return fetch_components(flow.subset, flow.skipped, flow.class_counts, flow.images, str(flow.source))
+
+
+# --- split ------------------------------------------------------------------------
+
+def split_histogram(split_counts):
+    import numpy as np
+
+    fig, ax = _figure(6, 2.8)
+    ax = ax[0, 0]
+    labels = [str(c) for c in split_counts.index]
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(split_counts.columns), 1)
+    for k, split in enumerate(split_counts.columns):
+        bars = ax.bar(x + k * width, split_counts[split].values, width, label=split)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x + width * (len(split_counts.columns) - 1) / 2, labels)
+    ax.margins(y=0.15)
+    ax.set(xlabel="items in the bin", ylabel="bins", title="Bins per count in each split")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _image(fig, "Bins per count in each split")
+
+
+def split_components(split_counts) -> list:
+    table = split_counts.copy()
+    table.loc["total"] = table.sum()
+    table["all"] = table.sum(axis=1)
+    table.index.name = "count"
+    return [_md(f"# Split\n\n{int(split_counts.values.sum())} bins: "
+                + ", ".join(f"{int(split_counts[s].sum())} {s}" for s in split_counts.columns) + "."),
+            split_histogram(split_counts),
+            _df_table(table, index=True)]
+
+
+@appends_safely
+def split_card(flow) -> list:
+    return split_components(flow.split_counts)
+
+
+# --- train ------------------------------------------------------------------------
+
+PHASES = (("data_seconds", "data: augment + load", "#dd8452"),
+          ("compute_seconds", "forward + backward + step", "#4c72b0"),
+          ("val_seconds", "validation", "#55a868"))
+
+
+def learning_curves(history: list[dict], best_epoch: int | None = None, title: str = "Learning curves"):
+    fig, axes = _figure(9, 3, ncols=2)
+    epochs = [r["epoch"] for r in history]
+    for ax, metric in zip(axes[0], ("loss", "accuracy")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label=f"train {metric}")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in history], "s-", label=f"validation {metric}")
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        if metric == "loss":
+            _log_if_spread(ax, [r[k] for r in history for k in ("train_loss", "val_loss")])
+        ax.set(xlabel="epoch", title=metric)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _image(fig, title)
+
+
+def _log_if_spread(ax, values, ratio: float = 20.0) -> None:
+    """A log scale when one early spike would flatten the rest of a (positive) curve."""
+    positive = [v for v in values if v is not None and v > 0]
+    if positive and len(positive) == len(values) and max(positive) / min(positive) > ratio:
+        ax.set_yscale("log")
+
+
+def throughput_chart(history: list[dict]):
+    fig, axes = _figure(9, 2.6, ncols=2)
+    epochs = [r["epoch"] for r in history]
+    axes[0, 0].bar(epochs, [r["train_images_per_second"] for r in history], color="#4c72b0")
+    axes[0, 0].set(xlabel="epoch", ylabel="images/s", title="training throughput")
+    axes[0, 1].bar(epochs, [r["epoch_seconds"] for r in history], color="#8172b3")
+    axes[0, 1].set(xlabel="epoch", ylabel="seconds", title="time per epoch (train + validation)")
+    return _image(fig, "Throughput and time per epoch")
+
+
+def profile_chart(history: list[dict]):
+    fig, ax = _figure(7.5, 2.8)
+    ax = ax[0, 0]
+    epochs = [r["epoch"] for r in history]
+    bottom = [0.0] * len(history)
+    for key, label, color in PHASES:
+        values = [r.get(key, 0.0) for r in history]
+        ax.bar(epochs, values, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    other = [max(r["epoch_seconds"] - b, 0.0) for r, b in zip(history, bottom)]
+    ax.bar(epochs, other, bottom=bottom, label="other", color="#c0c0c0")
+    ax.set(xlabel="epoch", ylabel="seconds", title="Where each epoch's time went")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _image(fig, "Where each epoch's time went")
+
+
+def profile_rules(history: list[dict], best_epoch: int | None) -> list[str]:
+    """Findings in the spirit of SageMaker Debugger's rules: what looks wrong, with numbers."""
+    findings = []
+    total = sum(r["epoch_seconds"] for r in history)
+    data = sum(r.get("data_seconds", 0.0) for r in history)
+    if total and data / total > 0.3:
+        findings.append(f"**Data bottleneck**: preparing batches took {data / total:.0%} of the time; "
+                        "the network waited for augmentation.")
+    cpu = [r["cpu_percent"] for r in history if "cpu_percent" in r]
+    if cpu and "gpu_max_memory_mb" not in history[0] and sum(cpu) / len(cpu) < 50:
+        findings.append(f"**Low CPU utilisation**: {sum(cpu) / len(cpu):.0f}% of the cores on average "
+                        "(another process shared them, or threads waited).")
+    gpu = [r["gpu_utilization_percent"] for r in history if "gpu_utilization_percent" in r]
+    if gpu and sum(gpu) / len(gpu) < 50:
+        findings.append(f"**Low GPU utilisation**: {sum(gpu) / len(gpu):.0f}% on average.")
+    if best_epoch and best_epoch < len(history):
+        after = history[best_epoch - 1:]
+        if after[-1]["train_loss"] < after[0]["train_loss"] and after[-1]["val_loss"] > after[0]["val_loss"]:
+            findings.append(f"**Overfitting**: after epoch {best_epoch} the training loss kept falling while "
+                            "the validation loss rose; the best epoch's weights were kept.")
+    if len(history) >= 2 and history[-1]["train_loss"] >= history[0]["train_loss"]:
+        findings.append("**Loss not decreasing**: the last epoch's training loss is not below the first's.")
+    return findings or ["No rule fired: no data bottleneck, overfitting or stalled loss found."]
+
+
+def profile_components(history: list[dict], best_epoch: int | None = None) -> list:
+    out = [_md("## Profile\n\nSeconds per epoch: preparing batches (augmentation, normalisation, copy to "
+               "the device) against the network's forward, backward and optimizer step, and validation.")]
+    if not history or "data_seconds" not in history[0]:
+        return out + [_md("_This run's train loop did not time its phases._")]
+    total = sum(r["epoch_seconds"] for r in history) or 1.0
+    sums = {label: sum(r.get(key, 0.0) for r in history) for key, label, _ in PHASES}
+    sums["other"] = max(total - sum(sums.values()), 0.0)
+    out += [profile_chart(history),
+            _table([[label, s, f"{s / total:.0%}"] for label, s in sums.items()], ["phase", "seconds", "share"])]
+    resources = {"mean CPU utilisation (% of cores)": _mean(history, "cpu_percent"),
+                 "peak process memory (MB)": _max(history, "max_rss_mb"),
+                 "peak GPU memory (MB)": _max(history, "gpu_max_memory_mb"),
+                 "mean GPU utilisation (%)": _mean(history, "gpu_utilization_percent")}
+    out += [_md("### Resources"),
+            _kv_table({k: ("not available" if v is None else v) for k, v in resources.items()},
+                      ("resource", "value")),
+            _md("### Rules\n\n" + "\n".join(f"- {f}" for f in profile_rules(history, best_epoch)))]
+    return out
+
+
+def _mean(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _max(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return max(values) if values else None
+
+
+CURVE_COLUMNS = {"epoch": "epoch", "train_loss": "train loss", "train_accuracy": "train acc",
+                 "val_loss": "val loss", "val_accuracy": "val acc", "lr": "lr"}
+TIMING_COLUMNS = {"epoch": "epoch", "epoch_seconds": "epoch s", "train_images_per_second": "images/s",
+                  "data_seconds": "data s", "compute_seconds": "compute s", "val_seconds": "validation s",
+                  "cpu_percent": "CPU %", "max_rss_mb": "RSS MB", "gpu_max_memory_mb": "GPU MB",
+                  "gpu_utilization_percent": "GPU %"}
+
+
+def _epoch_table(history: list[dict], columns: dict):
+    keys = [k for k in columns if history and k in history[0]]
+    return _table([[r.get(k) for k in keys] for r in history], [columns[k] for k in keys])
+
+
+def train_components(history: list[dict], scores: dict) -> list:
+    config = scores.get("config", {})
+    name = config.get("name", "?")
+    summary = {"best epoch": scores.get("best_epoch"), "validation accuracy": scores.get("val_accuracy"),
+               "validation loss": scores.get("val_loss"), "training seconds": scores.get("train_seconds"),
+               "images/s (whole run)": scores.get("images_per_second"), "device": scores.get("device")}
+    return [_md(f"# Grid point `{name}`"),
+            _kv_table(summary, ("score", "value")),
+            _md("## Hyperparameters"),
+            _kv_table(config, ("hyperparameter", "value")),
+            _md("## Learning curves"),
+            learning_curves(history, scores.get("best_epoch"), f"Learning curves: {name}"),
+            _md("## Throughput"),
+            throughput_chart(history),
+            *profile_components(history, scores.get("best_epoch")),
+            _md("## Every epoch"),
+            _epoch_table(history, CURVE_COLUMNS),
+            _epoch_table(history, TIMING_COLUMNS)]
+
+
+@appends_safely
+def train_card(flow) -> list:
+    return train_components(flow.history, flow.scores)
+
+
+# --- join -------------------------------------------------------------------------
+
+SCORE_COLUMNS = {"best_epoch", "val_accuracy", "val_loss", "train_seconds", "train_images_per_second", "device"}
+
+
+def varying_hyperparameters(grid_results) -> list[str]:
+    return [c for c in grid_results.columns
+            if c not in SCORE_COLUMNS | {"name"} and grid_results[c].astype(str).nunique() > 1]
+
+
+def hyperparameter_chart(grid_results, chosen: str):
+    params = varying_hyperparameters(grid_results)
+    if not params:
+        return _md("_Every grid point has the same hyperparameters but its name: nothing to chart._")
+    fig, axes = _figure(max(3.2 * len(params), 5.0), 3.0, ncols=len(params))
+    for ax, param in zip(axes[0], params):
+        values = grid_results[param]
+        numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
+        xs = values.astype(float) if numeric else values.astype(str)
+        colors = ["#c44e52" if n == chosen else "#4c72b0" for n in grid_results["name"]]
+        ax.scatter(xs, grid_results["val_accuracy"], c=colors, s=40)
+        for x, y, n in zip(xs, grid_results["val_accuracy"], grid_results["name"]):
+            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if numeric and param in {"lr", "weight_decay"} and (xs > 0).all():
+            ax.set_xscale("log")
+        ax.margins(0.15)
+        ax.set(xlabel=param, ylabel="validation accuracy")
+    fig.suptitle("Validation accuracy by hyperparameter (red: chosen)", fontsize=10)
+    return _image(fig, "Validation accuracy against each hyperparameter")
+
+
+def grid_curves(grid_histories: dict, chosen: str):
+    fig, axes = _figure(9, 3, ncols=2)
+    for name, history in grid_histories.items():
+        epochs = [r["epoch"] for r in history]
+        width = 2.5 if name == chosen else 1.2
+        axes[0, 0].plot(epochs, [r["val_accuracy"] for r in history], "o-", lw=width, label=name)
+        axes[0, 1].plot(epochs, [r["val_loss"] for r in history], "o-", lw=width, label=name)
+    axes[0, 0].set(xlabel="epoch", title="validation accuracy")
+    axes[0, 1].set(xlabel="epoch", title="validation loss")
+    _log_if_spread(axes[0, 1], [r["val_loss"] for h in grid_histories.values() for r in h])
+    axes[0, 0].legend(fontsize=8)
+    return _image(fig, "Validation curves of every grid point")
+
+
+def join_components(grid_results, grid_histories: dict, chosen: str) -> list:
+    varying = varying_hyperparameters(grid_results)
+    shared = {c: grid_results[c].iloc[0] for c in grid_results.columns
+              if c not in SCORE_COLUMNS | {"name"} and c not in varying}
+    scores = [c for c in ("val_accuracy", "val_loss", "best_epoch", "train_seconds", "train_images_per_second",
+                          "device") if c in grid_results.columns]
+    table = grid_results[["name", *varying, *scores]].copy()
+    table.insert(0, "rank", range(1, len(table) + 1))
+    table.insert(1, "chosen", [WINNER_MARK if n == chosen else "" for n in table["name"]])
+    best = grid_results[grid_results["name"] == chosen].iloc[0]
+    return [_md(f"# Grid: {len(grid_results)} points\n\nChosen: **{chosen}**, validation accuracy "
+                f"{best['val_accuracy']:.3f} (loss {best['val_loss']:.3f}). Ranked by validation accuracy, "
+                "then lower validation loss. (Metaflow 2.19's Table cannot be sorted in the card: rows are "
+                "ranked best first.)"),
+            _df_table(table),
+            _md("Shared by every point: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items())
+                if shared else "No hyperparameter is shared by every point."),
+            hyperparameter_chart(grid_results, chosen),
+            grid_curves(grid_histories, chosen)]
+
+
+@appends_safely
+def join_card(flow) -> list:
+    return join_components(flow.grid_results, flow.grid_histories, flow.chosen)
+
+
+# --- evaluate ---------------------------------------------------------------------
+
+def confusion_heatmap(matrix: list[list[int]], classes: list):
+    import numpy as np
+
+    m = np.asarray(matrix)
+    size = 1.0 + 0.6 * len(classes)
+    fig, ax = _figure(size + 1.2, size)
+    ax = ax[0, 0]
+    im = ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_yticks(range(len(classes)), [str(c) for c in classes])
+    ax.set(xlabel="predicted count", ylabel="true count", title="Confusion matrix (test)")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return _image(fig, "Confusion matrix")
+
+
+def calibration(labels: list[int], predictions: list[dict], bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Reliability per confidence bin: mean confidence of the predicted count against its accuracy."""
+    rows = [{"low": k / bins, "high": (k + 1) / bins, "n": 0, "confidence": 0.0, "accuracy": 0.0}
+            for k in range(bins)]
+    for label, p in zip(labels, predictions):
+        confidence = p["probabilities"][str(p["count"])]
+        row = rows[min(int(confidence * bins), bins - 1)]
+        row["n"] += 1
+        row["confidence"] += confidence
+        row["accuracy"] += float(p["count"] == label)
+    for row in rows:
+        if row["n"]:
+            row["confidence"] /= row["n"]
+            row["accuracy"] /= row["n"]
+    return rows
+
+
+def expected_calibration_error(rows: list[dict]) -> float:
+    n = sum(r["n"] for r in rows) or 1
+    return sum(r["n"] * abs(r["accuracy"] - r["confidence"]) for r in rows) / n
+
+
+def reliability_diagram(rows: list[dict]):
+    fig, ax = _figure(4.2, 3.6)
+    ax = ax[0, 0]
+    used = [r for r in rows if r["n"]]
+    width = rows[0]["high"] - rows[0]["low"]
+    ax.bar([r["low"] for r in used], [r["accuracy"] for r in used], width=width, align="edge",
+           edgecolor="black", color="#4c72b0", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    ax.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], "o", color="#c44e52",
+            label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence in the predicted count", ylabel="accuracy",
+           title=f"Reliability (ECE {expected_calibration_error(rows):.3f})")
+    ax.legend(fontsize=7, loc="upper left")
+    return _image(fig, "Reliability diagram")
+
+
+def worst_mistakes(labels: dict, predictions: dict, k: int = WORST_MISTAKES) -> list[tuple]:
+    """The ``k`` most confident wrong answers: (id, true, predicted, p(predicted), p(true))."""
+    wrong = []
+    for bin_id, p in predictions.items():
+        true = labels[bin_id]
+        if p["count"] != true:
+            wrong.append((bin_id, true, p["count"], p["probabilities"][str(p["count"])],
+                          p["probabilities"].get(str(true), 0.0)))
+    return sorted(wrong, key=lambda w: (-w[3], w[4]))[:k]
+
+
+def evaluate_components(test_metrics: dict, test_predictions: dict, split_table, images: dict) -> list:
+    test = split_table[split_table["split"] == "test"]
+    labels = dict(zip(test["id"], test["label"]))
+    ids = [i for i in test_predictions if i in labels]
+    rows = calibration([labels[i] for i in ids], [test_predictions[i] for i in ids])
+    per_class = [[c, m["precision"], m["recall"], m["f1"], m["support"]]
+                 for c, m in test_metrics["per_class"].items()]
+    mistakes = worst_mistakes(labels, test_predictions)
+    gallery = [[_photo(images[i], i) if i in images else "", i, t, p, f"{pp:.3f}", f"{pt:.3f}", abs(p - t)]
+               for i, t, p, pp, pt in mistakes]
+    return [_md(f"# Test: {test_metrics['n']} bins\n\naccuracy **{test_metrics['accuracy']:.3f}**, "
+                f"RMSE {test_metrics['rmse']:.3f}, MAE {test_metrics['mae']:.3f} (items)."),
+            confusion_heatmap(test_metrics["confusion_matrix"], test_metrics["classes"]),
+            _md("## Per count"),
+            _table(per_class, ["count", "precision", "recall", "F1", "support"]),
+            _md("## Calibration\n\nHow often the model is right when it is this sure; ECE is the "
+                "bin-weighted gap between confidence and accuracy."),
+            reliability_diagram(rows),
+            _table([[f"{r['low']:.1f}-{r['high']:.1f}", r["n"], r["confidence"], r["accuracy"]]
+                    for r in rows if r["n"]], ["confidence bin", "bins", "mean confidence", "accuracy"]),
+            _md(f"## Worst mistakes\n\nThe {len(mistakes)} most confident wrong answers."
+                if mistakes else "## Worst mistakes\n\nNone: every test bin was counted right."),
+            *([_table(gallery, ["photo", "id", "true count", "predicted", "p(predicted)", "p(true)", "off by"])]
+              if mistakes else [])]
+
+
+@appends_safely
+def evaluate_card(flow) -> list:
+    return evaluate_components(flow.test_metrics, flow.test_predictions, flow.split_table, flow.images)
+
+
+# --- deploy -------------------------------------------------------------------------
+
+def deploy_components(deployment: dict, champion_decision: dict | None) -> list:
+    target = deployment.get("target", "?")
+    deployed = bool(champion_decision and champion_decision.get("deploy"))
+    if target == "none":
+        headline = "Not deployed: `--deploy-target none`."
+    elif deployed:
+        headline = f"Deployed to **{target}**."
+    else:
+        headline = f"Not deployed to **{target}**: {champion_decision.get('reason') if champion_decision else ''}."
+    out = [_md(f"# Deployment\n\n{headline}")]
+    if champion_decision:
+        out += [_md("## Champion decision"), _kv_table(champion_decision, ("field", "value"))]
+    details = {k: v for k, v in deployment.items() if k != "smoke_test" and not isinstance(v, (dict, list))}
+    if deployed:
+        out += [_md("## What went where"), _kv_table(details, ("field", "value"))]
+    smoke = deployment.get("smoke_test")
+    if smoke:
+        latency = {k: v for k, v in smoke.items() if k.startswith("latency")}
+        out += [_md(f"## Smoke test\n\n{smoke.get('requests', 0)} requests over HTTP, "
+                    f"{len(smoke.get('mismatches', []))} answers differing from in-process predictions."),
+                _kv_table({k.replace("latency_ms_", ""): v for k, v in latency.items()},
+                          ("latency", "ms"))]
+        others = {k: v for k, v in smoke.items() if k not in latency and k not in {"requests", "mismatches"}}
+        if others:
+            out.append(_kv_table(others, ("field", "value")))
+    return out
+
+
+@appends_safely
+def deploy_card(flow) -> list:
+    return deploy_components(flow.deployment, flow.champion_decision)

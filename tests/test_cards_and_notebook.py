@@ -1,0 +1,211 @@
+"""Run reports: every step's card holds its components and renders offline; a broken card never
+fails a step; the inspection notebook runs end to end against a run the tests made."""
+
+import base64
+import json
+import os
+import re
+
+import pytest
+from conftest import DATASTORE, REPO
+
+from bincount import cards
+
+NOTEBOOK = REPO / "notebooks" / "inspect_runs.ipynb"
+
+# What each step's card must hold: markdown text, image labels or table cells, by step.
+EXPECTED = {
+    "fetch_subset": {"images": 1, "text": ["# Subset", "300 bins kept", "## Sample photos per count",
+                                           "Bins kept per count", "## Skipped objects"]},
+    "split": {"images": 1, "text": ["# Split", "210 train, 45 val, 45 test", "Bins per count in each split",
+                                    "total"]},
+    "train": {"images": 3, "text": ["# Grid point", "## Learning curves", "Learning curves: tiny-",
+                                    "## Throughput", "Throughput and time per epoch", "## Profile",
+                                    "Where each epoch's time went", "data: augment + load",
+                                    "forward + backward + step", "### Resources",
+                                    "mean CPU utilisation (% of cores)", "### Rules", "## Every epoch"]},
+    "join": {"images": 2, "text": ["# Grid: 2 points", cards.WINNER_MARK,
+                                   "Validation accuracy against each hyperparameter",
+                                   "Validation curves of every grid point"]},
+    "evaluate": {"images": 2, "text": ["# Test: 45 bins", "Confusion matrix", "## Per count", "precision",
+                                       "## Calibration", "Reliability diagram", "## Worst mistakes"]},
+    "deploy": {"images": 0, "text": ["# Deployment", "Deployed to **local**", "## Champion decision",
+                                     "reason", "## What went where", "package_sha256",
+                                     "## Smoke test", "16 requests over HTTP", "p50", "p95"]},
+}
+
+
+def card_components(html: str) -> list[dict]:
+    """The card's components, decoded from the base64 JSON the default card template embeds."""
+    match = re.search(r'window\.__MF_DATA__\["[^"]*"\] = "([A-Za-z0-9+/=]*)"', html)
+    assert match, "no card data in the HTML"
+    return json.loads(base64.b64decode(match.group(1)))["components"]
+
+
+def walk(node):
+    """Every dict, list and value in a component tree."""
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def texts(components) -> list[str]:
+    """Every string in the card (markdown, labels, headers, table cells), but image data."""
+    return [n for n in walk(components) if isinstance(n, str) and not n.startswith("data:image/")]
+
+
+def images(components, kind: str = "") -> list[dict]:
+    """Image components whose source starts with data:image/``kind``."""
+    return [n for n in walk(components) if isinstance(n, dict) and n.get("type") == "image"
+            and str(n.get("src", "")).startswith(f"data:image/{kind}")]
+
+
+@pytest.fixture
+def in_datastore(monkeypatch):
+    # Local cards are looked up under the current directory's .metaflow (ENVIRONMENT.md).
+    monkeypatch.chdir(DATASTORE)
+
+
+def report_cards(run, step):
+    from metaflow.cards import get_cards
+
+    return {task.pathspec: get_cards(task, id="report") for task in run[step]}
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("step", list(EXPECTED))
+def test_each_step_has_a_report_card_with_its_components(synthetic_run, in_datastore, step):
+    by_task = report_cards(synthetic_run, step)
+    assert len(by_task) == (2 if step == "train" else 1)
+    for pathspec, found in by_task.items():
+        assert len(found) == 1, f"{pathspec}: {len(found)} report cards"
+        components = card_components(found[0].get())
+        strings = texts(components)
+        for marker in EXPECTED[step]["text"]:
+            assert any(marker in s for s in strings), f"{pathspec}: {marker!r} not in its card"
+        assert not any("could not be built" in s for s in strings)
+        charts = images(components, "png")
+        assert len(charts) >= EXPECTED[step]["images"], f"{pathspec}: {len(charts)} charts"
+
+
+@pytest.mark.flow
+def test_photo_galleries_hold_thumbnails_of_the_run_s_bins(synthetic_run, in_datastore):
+    subset_ids = set(synthetic_run.data.subset["id"])
+    fetch = next(iter(report_cards(synthetic_run, "fetch_subset").values()))[0]
+    photos = images(card_components(fetch.get()), "jpeg")
+    assert len(photos) == 5 * cards.PHOTOS_PER_COUNT and {p["label"] for p in photos} <= subset_ids
+    evaluate = next(iter(report_cards(synthetic_run, "evaluate").values()))[0]
+    wrong = sum(p["count"] != label for p, label in zip(
+        (synthetic_run.data.test_predictions[i] for i in synthetic_run.data.split_table.query("split == 'test'")["id"]),
+        synthetic_run.data.split_table.query("split == 'test'")["label"]))
+    gallery = images(card_components(evaluate.get()), "jpeg")
+    assert len(gallery) == min(wrong, cards.WORST_MISTAKES)
+
+
+def metaflow_bundle() -> tuple[str, str]:
+    """The JavaScript and CSS Metaflow inlines into every card (not ours)."""
+    from metaflow.plugins.cards.card_modules import basic
+
+    with open(basic.JS_PATH) as js, open(basic.CSS_PATH) as css:
+        return js.read(), css.read()
+
+
+@pytest.mark.flow
+def test_cards_render_offline(synthetic_run, in_datastore):
+    """Nothing in a card is fetched from the network, except Metaflow's own CSS font @import.
+
+    Metaflow 2.19's bundled card CSS begins with ``@import "https://fonts.googleapis.com/..."`` (Roboto);
+    offline, the browser falls back to a system font and the card renders the same. Everything else,
+    its JavaScript and our charts and photos, is inline.
+    """
+    js, css = metaflow_bundle()
+    for step in EXPECTED:
+        for pathspec, found in report_cards(synthetic_run, step).items():
+            html = found[0].get()
+            assert js in html and css in html  # inlined, not linked
+            ours = html.replace(js, "").replace(css, "")
+            assert not re.search(r"https?://", ours), f"{pathspec}: an external URL outside Metaflow's bundle"
+            assert not re.search(r"<(script|img|iframe)[^>]+src\s*=\s*[\"']?(https?:)?//", html, re.I)
+            assert not re.search(r"<link[^>]+href\s*=\s*[\"']?(https?:)?//", html, re.I)
+            imports = re.findall(r"@import\s*(?:url\()?[\"']?([^\"')\s;]+)", html)
+            assert all(u.startswith("https://fonts.googleapis.com/") for u in imports), imports
+            components = card_components(html)
+            kinds = [n.get("type") for n in walk(components) if isinstance(n, dict)]
+            assert kinds.count("image") == len(images(components))  # every image is inline data
+            assert "vegaChart" not in kinds  # Vega would need its library at view time
+
+
+@pytest.mark.flow
+def test_train_history_times_its_phases(synthetic_run):
+    for history in synthetic_run.data.grid_histories.values():
+        for row in history:
+            assert {"data_seconds", "compute_seconds", "val_seconds", "cpu_percent", "max_rss_mb"} <= set(row)
+            assert 0 < row["data_seconds"] + row["compute_seconds"] + row["val_seconds"] <= row["epoch_seconds"] + 1e-6
+
+
+class FakeCard(list):
+    pass
+
+
+def test_a_failing_card_warns_and_the_step_goes_on(capsys):
+    @cards.appends_safely
+    def broken_card(flow):
+        raise KeyError("test_metrics")
+
+    card = FakeCard()
+    broken_card(card, object())  # must not raise
+    assert "warning: card broken_card could not be built" in capsys.readouterr().err
+    assert card and "could not be built" in card[0].render()["source"]
+
+    class NoCard:
+        def append(self, component):
+            raise AttributeError("no @card on this step")
+
+    cards.fetch_card(NoCard(), object())  # neither building nor appending may raise
+    assert "warning" in capsys.readouterr().err
+
+
+def test_calibration_and_worst_mistakes():
+    def prediction(count, confidence):
+        rest = (1 - confidence) / 4
+        return {"count": count, "probabilities": {str(c): confidence if c == count else rest for c in range(1, 6)}}
+
+    labels = {"a": 1, "b": 2, "c": 3, "d": 4}
+    predictions = {"a": prediction(1, 0.95), "b": prediction(3, 0.9), "c": prediction(3, 0.55),
+                   "d": prediction(5, 0.4)}
+    rows = cards.calibration([labels[i] for i in predictions], list(predictions.values()))
+    assert sum(r["n"] for r in rows) == 4
+    top = rows[9]
+    assert top["n"] == 2 and top["accuracy"] == 0.5 and top["confidence"] == pytest.approx(0.925)
+    assert cards.expected_calibration_error(rows) == pytest.approx((2 * 0.425 + 0.45 + 0.4) / 4)
+    worst = cards.worst_mistakes(labels, predictions)
+    assert [w[0] for w in worst] == ["b", "d"] and worst[0][1:3] == (2, 3)
+
+
+@pytest.mark.flow
+def test_the_notebook_runs_against_a_run_of_the_tests(synthetic_run, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert not any(cell.get("outputs") for cell in notebook.cells), "commit the notebook without outputs"
+    env = dict(os.environ, BINCOUNT_RUN_ID=synthetic_run.id, METAFLOW_USER=os.environ["METAFLOW_USER"],
+               METAFLOW_DATASTORE_SYSROOT_LOCAL=str(DATASTORE))
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(DATASTORE)}})
+    client.execute(env=env)
+    nbformat.write(notebook, tmp_path / "executed.ipynb")  # kept in tmp for a look when this fails
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    html = "\n".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert synthetic_run.id in text and "tiny-a" in text and "tiny-b" in text
+    assert f"run {synthetic_run.pathspec}: chose {synthetic_run.data.chosen}" in text
+    assert re.search(r"true count \d, predicted count \d", text)
+    assert any("image/jpeg" in o.get("data", {}) for o in outputs)  # the photo
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the grid chart
+    assert "1 card(s) on" in text and "__MF_DATA__" in html  # the evaluate card, shown inline
