@@ -274,14 +274,9 @@ class AuditPart:
 
 def thumbnail_uri(raw: bytes, size: int = THUMBNAIL_PX) -> str:
     """A small JPEG of the photo as a ``data:`` URI (no external file or URL)."""
-    from PIL import Image
+    from bincount.images import thumbnail
 
-    with Image.open(io.BytesIO(raw)) as image:
-        image = image.convert("RGB")
-        image.thumbnail((size, size))
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(thumbnail(raw, size)).decode("ascii")
 
 
 def _row(bin_id, status, *, expected=None, predicted=None, p_predicted=None, p_wrong=None, flagged=False,

@@ -90,22 +90,12 @@ def _image(fig, label: str | None = None):
     return Image(buf.getvalue(), label=label)
 
 
-def thumbnail(jpeg: bytes, px: int = THUMBNAIL_PX) -> bytes:
-    """A photo shrunk to at most ``px`` on a side, as JPEG bytes."""
-    from PIL import Image as PILImage
-
-    with PILImage.open(io.BytesIO(jpeg)) as img:
-        img = img.convert("RGB")
-        img.thumbnail((px, px))
-        out = io.BytesIO()
-        img.save(out, format="JPEG", quality=80)
-    return out.getvalue()
-
-
 def _photo(jpeg: bytes, label: str | None = None):
     from metaflow.cards import Image
 
-    return Image(thumbnail(jpeg), label=label)
+    from bincount.images import thumbnail
+
+    return Image(thumbnail(jpeg, THUMBNAIL_PX), label=label)
 
 
 def _fmt(value) -> str:

@@ -38,6 +38,18 @@ def decode_all(raws, size: int, *, progress: bool = True, desc: str = "decoding"
     return out
 
 
+def thumbnail(raw: bytes, px: int) -> bytes:
+    """A photo shrunk to at most ``px`` a side, as JPEG bytes (for reports)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as image:
+        image = image.convert("RGB")
+        image.thumbnail((px, px))
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
 def train_augment():
     """Augmentations that keep the count: flips and mild colour jitter."""
     from torchvision.transforms import v2
