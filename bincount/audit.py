@@ -46,12 +46,11 @@ import csv
 import html
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from bincount.fetch import DEFAULT_WORKERS, BadInput, describe_classes, fetch_subset, parse_label, read_file_list
-from bincount.sources import MissingObject, Source, metadata_key
+from bincount.fetch import DEFAULT_WORKERS, describe_classes, fetch_subset, read_file_list
+from bincount.sources import Source
 
 DEFAULT_TARGET_PRECISION = 0.9
 DEFAULT_SHIFTS = (-2, -1, 1, 2)
@@ -285,13 +284,6 @@ def _row(bin_id, status, *, expected=None, predicted=None, p_predicted=None, p_w
             "p_record_wrong": p_wrong, "flagged": flagged, "status": status, "reason": reason}
 
 
-def _recorded_count(source: Source, bin_id: str) -> int | None:
-    try:
-        return parse_label(source.read(metadata_key(bin_id)))
-    except (MissingObject, BadInput):
-        return None
-
-
 def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: list[str] | None = None,
                workers: int = DEFAULT_WORKERS, progress: bool = True, batch_size: int = 32) -> AuditPart:
     """Audit ``candidate_ids`` (default: every bin ``source`` lists) with the flag rule.
@@ -305,14 +297,11 @@ def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: li
     subset = fetch_subset(source, classes=classes, per_class=None, candidate_ids=order, workers=workers,
                           progress=progress)
     rows: dict[str, dict] = {}
-    # fetch_subset skips counts outside the classes like any bad object; tell them
-    # apart by reading the record again (only skipped bins, so few reads).
-    skipped = dict(subset.skipped)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(skipped) or 1))) as pool:
-        recorded = dict(zip(skipped, pool.map(lambda i: _recorded_count(source, i), skipped)))
-    for bin_id, reason in skipped.items():
-        count = recorded[bin_id]
-        if count is not None and count not in classes:
+    # fetch_subset skips counts outside the classes like any bad object, and
+    # keeps those counts apart: they are records the model cannot judge.
+    for bin_id, reason in subset.skipped:
+        count = subset.out_of_class.get(bin_id)
+        if count is not None:
             rows[bin_id] = _row(bin_id, NOT_JUDGED, expected=count,
                                 reason=f"expected count {count} is outside the model's classes "
                                        f"{describe_classes(classes)}")

@@ -91,6 +91,7 @@ class Subset:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     images: dict[str, bytes] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    out_of_class: dict[str, int] = field(default_factory=dict)  # skipped for their count: id -> count
 
     def table(self):
         import pandas as pd
@@ -185,6 +186,7 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
                 subset.skipped.append((bin_id, label))
             elif label not in wanted:
                 subset.skipped.append((bin_id, f"label {label} outside classes {describe_classes(classes)}"))
+                subset.out_of_class[bin_id] = label
             elif need[label] > 0:
                 got = got or _read_image(source, bin_id)  # not prefetched: its class looked full then
                 if isinstance(got, str):

@@ -54,6 +54,7 @@ def test_bad_objects_are_skipped_and_reported_by_id(tmp_path, abid_sample, abid_
     assert set(skipped) == set(reasons)
     for bin_id, reason in reasons.items():
         assert reason in skipped[bin_id]
+    assert subset.out_of_class == {"bad-toomany": 9}  # the record a model of 1-5 cannot judge
 
 
 def test_subset_is_balanced_and_deterministic_for_a_seed(tmp_path, synthetic_jpegs):
