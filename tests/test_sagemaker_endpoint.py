@@ -16,7 +16,6 @@ What moto 5.2.5 does and does not do, and how these tests deal with it:
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, wait_for_port
 
 from bincount.package import build_package
 from bincount.sagemaker_endpoint import (NAME_RE, SageMakerDeployError, SageMakerTarget, deploy_to_sagemaker,
@@ -91,18 +90,6 @@ responses.SageMakerResponse.update_endpoint = update_endpoint_action
 from moto.server import main
 main(sys.argv[1:])
 '''
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
