@@ -24,7 +24,8 @@ EXPECTED = {
                                     "Where each epoch's time went", "data: augment + load",
                                     "forward + backward + step", "### Resources",
                                     "mean CPU utilisation (% of cores)", "### Rules", "## Every epoch"]},
-    "join": {"images": 2, "text": ["# Grid: 2 points", cards.WINNER_MARK,
+    "join": {"images": 2, "text": ["# Grid: 2 points", cards.WINNER_MARK, "Served: the mean softmax of",
+                                   "over the four flips of each photo",
                                    "Validation accuracy against each hyperparameter",
                                    "Validation curves of every grid point"]},
     "evaluate": {"images": 2, "text": ["# Test: 45 bins", "Confusion matrix", "## Per count", "precision",
@@ -145,6 +146,59 @@ def test_train_history_times_its_phases(synthetic_run):
         for row in history:
             assert {"data_seconds", "compute_seconds", "val_seconds", "cpu_percent", "max_rss_mb"} <= set(row)
             assert 0 < row["data_seconds"] + row["compute_seconds"] + row["val_seconds"] <= row["epoch_seconds"] + 1e-6
+
+
+SORTABLE = "bincount_sortable_table"  # the card type in metaflow_extensions/bincount/plugins/cards
+
+
+def sortable_rows(html: str) -> list[list[str]]:
+    """The body rows of a sortable-table card, each as its cells' (still escaped) text."""
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r'<tr data-order="\d+">(.*?)</tr>', html)]
+
+
+@pytest.mark.flow
+def test_the_join_step_has_a_sortable_grid_card(synthetic_run, in_datastore):
+    from metaflow.cards import get_cards
+
+    join = synthetic_run["join"].task
+    assert sorted(c.type for c in get_cards(join)) == sorted(["blank", SORTABLE])  # the report and the grid
+    found = get_cards(join, id="grid")
+    assert len(found) == 1 and found[0].type == SORTABLE
+    html = found[0].get()
+    assert '<table class="sortable">' in html and "aria-sort" in html and "<script>" in html
+    ranked = synthetic_run.data.grid_results["name"].tolist()  # best first
+    rows = sortable_rows(html)
+    assert [row[2] for row in rows] == ranked  # rank, chosen, name, ...: every point, in ranked order
+    assert [row[0] for row in rows] == [str(k) for k in range(1, len(ranked) + 1)]
+    assert rows[ranked.index(synthetic_run.data.chosen)][1] == cards.WINNER_MARK
+    numeric = {h: bool(n) for n, h in re.findall(r'<th( data-type="number")?><button type="button">([^<]*)<', html)}
+    assert numeric["val_accuracy"] and numeric["rank"] and not numeric["name"]  # numbers sort as numbers
+    assert not re.search(r"https?://|\bsrc\s*=|<link", html)  # self-contained: nothing fetched
+
+
+def test_the_sortable_grid_card_escapes_every_cell():
+    import pandas as pd
+    from metaflow.plugins import CARDS
+    from metaflow.plugins.cards.card_modules.basic import SectionComponent
+
+    card_type = next(c for c in CARDS if c.type == SORTABLE)  # Metaflow found the extension
+    hostile = '<img src=x onerror="alert(1)">&'
+    grid = pd.DataFrame([{"name": hostile, "lr": 0.001, "val_accuracy": 0.5, "val_loss": float("nan"),
+                          "best_epoch": 2},
+                         {"name": "plain", "lr": 0.0003, "val_accuracy": 0.25, "val_loss": 1.5, "best_epoch": 3}])
+    # What the card is given: the step's components, rendered, in one section (as Metaflow does).
+    components = [SectionComponent(contents=[c.render() for c in cards.grid_components(grid, "plain")]).render()]
+
+    class Task:
+        pathspec = "BinCountFlow/1/join/2"
+
+    html = card_type(options={"title": "<b>grid</b>"}, components=components).render(Task())
+    assert hostile not in html and "<img" not in html and "<b>grid" not in html
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;" in html and "&lt;b&gt;grid&lt;/b&gt;" in html
+    rows = sortable_rows(html)
+    assert [row[2] for row in rows] == ["&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;", "plain"]
+    assert [row[1] for row in rows] == ["", cards.WINNER_MARK]
+    assert rows[0][5] == ""  # NaN: an empty cell, sorted last
 
 
 class FakeCard(list):
