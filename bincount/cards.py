@@ -1,7 +1,8 @@
 """Run reports: the components of each step's Metaflow card, built from its artifacts.
 
 Each ``*_card(card, flow)`` function is called on the last line of a step with
-``current.card`` and the step's ``self``; it reads artifacts and appends
+``current.card`` (``current.card[ID]`` on the join step, which has two cards) and
+the step's ``self``; it reads artifacts and appends
 components. The components are built by plain functions (``*_components``)
 that take artifacts and return a list, so they can be used and tested without
 a run.
@@ -398,21 +399,37 @@ def grid_curves(grid_histories: dict, chosen: str):
     return _image(fig, "Validation curves of every grid point")
 
 
-def join_components(grid_results, grid_histories: dict, chosen: str) -> list:
+def grid_table(grid_results, chosen: str):
+    """One row per grid point, ranked best first: what varies across the grid, and the scores."""
     varying = varying_hyperparameters(grid_results)
-    shared = {c: grid_results[c].iloc[0] for c in grid_results.columns
-              if c not in SCORE_COLUMNS | {"name"} and c not in varying}
     scores = [c for c in ("val_accuracy", "val_loss", "best_epoch", "train_seconds", "train_images_per_second",
                           "device") if c in grid_results.columns]
     table = grid_results[["name", *varying, *scores]].copy()
     table.insert(0, "rank", range(1, len(table) + 1))
     table.insert(1, "chosen", [WINNER_MARK if n == chosen else "" for n in table["name"]])
+    return table
+
+
+def served_text(model_meta: dict | None) -> str:
+    """What the endpoint serves, when it is more than the best point alone."""
+    members = [m["grid_point"] for m in (model_meta or {}).get("members", [])]
+    if len(members) <= 1 and not (model_meta or {}).get("tta"):
+        return ""
+    what = f"the mean softmax of **{' + '.join(members)}**" if len(members) > 1 else f"**{members[0]}**"
+    tta = " over the four flips of each photo" if model_meta.get("tta") else ""
+    return f"\n\nServed: {what}{tta}; validation accuracy {model_meta['val_accuracy']:.3f}."
+
+
+def join_components(grid_results, grid_histories: dict, chosen: str, model_meta: dict | None = None) -> list:
+    varying = varying_hyperparameters(grid_results)
+    shared = {c: grid_results[c].iloc[0] for c in grid_results.columns
+              if c not in SCORE_COLUMNS | {"name"} and c not in varying}
     best = grid_results[grid_results["name"] == chosen].iloc[0]
-    return [_md(f"# Grid: {len(grid_results)} points\n\nChosen: **{chosen}**, validation accuracy "
+    return [_md(f"# Grid: {len(grid_results)} points\n\nBest: **{chosen}**, validation accuracy "
                 f"{best['val_accuracy']:.3f} (loss {best['val_loss']:.3f}). Ranked by validation accuracy, "
-                "then lower validation loss. (Metaflow 2.19's Table cannot be sorted in the card: rows are "
-                "ranked best first.)"),
-            _df_table(table),
+                "then lower validation loss. To sort by any column, open this step's `grid` card."
+                + served_text(model_meta)),
+            _df_table(grid_table(grid_results, chosen)),
             _md("Shared by every point: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items())
                 if shared else "No hyperparameter is shared by every point."),
             hyperparameter_chart(grid_results, chosen),
@@ -421,7 +438,20 @@ def join_components(grid_results, grid_histories: dict, chosen: str) -> list:
 
 @appends_safely
 def join_card(flow) -> list:
-    return join_components(flow.grid_results, flow.grid_histories, flow.chosen)
+    return join_components(flow.grid_results, flow.grid_histories, flow.chosen, flow.model_meta)
+
+
+# The join step's second card, @card(type="bincount_sortable_table", id="grid"): the same table, which
+# can be re-sorted in the page by clicking a column header (Metaflow's Table cannot). The card type is
+# this repository's Metaflow extension, metaflow_extensions/bincount/plugins/cards/sortable_table.
+
+def grid_components(grid_results, chosen: str) -> list:
+    return [_df_table(grid_table(grid_results, chosen))]
+
+
+@appends_safely
+def grid_card(flow) -> list:
+    return grid_components(flow.grid_results, flow.chosen)
 
 
 # --- evaluate ---------------------------------------------------------------------

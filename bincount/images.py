@@ -50,19 +50,40 @@ def thumbnail(raw: bytes, px: int) -> bytes:
     return out.getvalue()
 
 
-def train_augment():
-    """Augmentations that keep the count: flips and mild colour jitter."""
-    from torchvision.transforms import v2
+def augment_batch(images, generator=None, *, jitter: float = 0.2):
+    """Augmentations that keep the count, on a whole uint8 batch at once: per photo, a
+    random horizontal and vertical flip and brightness, contrast and saturation each
+    scaled by a random factor in [1 - jitter, 1 + jitter]. Returns floats in [0, 1].
 
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-    ])
+    Vectorised by hand because torchvision's ColorJitter draws one factor per call:
+    per-photo factors would mean a Python loop of small tensor ops, which took
+    about a third of each training step at 224 px here.
+    """
+    import torch
+
+    x = images.float().div_(255)
+    n = len(x)
+
+    def coin():
+        return torch.rand(n, generator=generator) < 0.5
+
+    def factor():
+        return 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter
+
+    def gray(t):
+        return (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
+
+    x = torch.where(coin()[:, None, None, None], x.flip(3), x)
+    x = torch.where(coin()[:, None, None, None], x.flip(2), x)
+    x = (x * factor()).clamp_(0, 1)  # brightness
+    c = factor()
+    x = (c * x + (1 - c) * gray(x).mean((2, 3), keepdim=True)).clamp_(0, 1)  # contrast
+    s = factor()
+    return (s * x + (1 - s) * gray(x)).clamp_(0, 1)  # saturation
 
 
 def normalizer(mean, std):
-    """uint8 batch -> normalised float batch."""
+    """uint8 batch (or floats in [0, 1]) -> normalised float batch."""
     import torch
     from torchvision.transforms import v2
 

@@ -5,9 +5,14 @@ SageMaker's PyTorch container calls; the local endpoint (bincount.serve), the
 flow's evaluate step and ``bincount predict`` call the same functions, so an
 answer never depends on where the model runs.
 
-A model folder holds ``model.pt`` (a plain state_dict, loaded with
-``weights_only=True`` so no pickled code runs) and ``model.json`` (architecture,
-classes, image size, run id).
+A model folder holds ``model.pt`` (the weights, loaded with
+``weights_only=True`` so no pickled code runs: one state_dict, or
+``{"members": [state_dict, ...]}`` for an ensemble) and ``model.json``
+(architecture, classes, image size, run id; ``members`` lists each ensemble
+member's architecture; ``tta`` asks for flip test-time augmentation).
+
+An answer's probabilities are the mean softmax over members and, with ``tta``,
+over the four flips of the photo (flips never change a count).
 
 Requests: one image (``image/jpeg``, ``image/png``, ``application/x-image``), or
 ``application/json`` ``{"instances": [{"b64": "..."}, ...]}`` (a bare list of
@@ -40,9 +45,31 @@ class RequestError(ValueError):
         self.status = status
 
 
+def flip_views(batch) -> list:
+    """The batch and its horizontal, vertical and double flips: four views, one count."""
+    return [batch, batch.flip(3), batch.flip(2), batch.flip(2, 3)]
+
+
+def mean_probabilities(models: list, normalizers: list, images, *, tta: bool, device: str):
+    """Mean softmax of every member over every view of a uint8 batch, as float32 on the CPU."""
+    import torch
+
+    total = 0
+    for model, normalize in zip(models, normalizers):
+        batch = normalize(images).to(device).contiguous(memory_format=torch.channels_last)
+        for view in (flip_views(batch) if tta else [batch]):
+            total = total + torch.softmax(model(view).float(), 1)
+    return (total / (len(models) * (4 if tta else 1))).cpu()
+
+
+def members_of(meta: dict) -> list[dict]:
+    """Each ensemble member's description; a single model is an ensemble of one."""
+    return meta.get("members") or [{"arch": meta["arch"]}]
+
+
 @dataclass
 class Predictor:
-    model: object
+    models: list
     meta: dict
     device: str
 
@@ -50,13 +77,16 @@ class Predictor:
     def classes(self) -> list[int]:
         return self.meta["classes"]
 
+    @property
+    def tta(self) -> bool:
+        return bool(self.meta.get("tta"))
+
     @cached_property
-    def _normalize(self):
+    def _normalizers(self) -> list:
         from bincount.images import normalizer
         from bincount.models import get_arch
 
-        arch = get_arch(self.meta["arch"])
-        return normalizer(arch.mean, arch.std)
+        return [normalizer(get_arch(m["arch"]).mean, get_arch(m["arch"]).std) for m in members_of(self.meta)]
 
     def prepare(self, raws: list[bytes]):
         """Encoded images -> uint8 tensor (N, 3, size, size), ready for ``predict_tensors``.
@@ -77,9 +107,9 @@ class Predictor:
         out = []
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                batch = self._normalize(images[start:start + batch_size])
-                logits = self.model(batch.to(self.device).contiguous(memory_format=torch.channels_last))
-                for p in torch.softmax(logits.float(), 1).cpu().tolist():
+                probabilities = mean_probabilities(self.models, self._normalizers, images[start:start + batch_size],
+                                                   tta=self.tta, device=self.device)
+                for p in probabilities.tolist():
                     best = max(range(len(p)), key=p.__getitem__)
                     out.append({"count": self.classes[best],
                                 "probabilities": {str(c): round(q, 6) for c, q in zip(self.classes, p)},
@@ -94,6 +124,17 @@ class Predictor:
         return out
 
 
+def ensemble_state(states: list[bytes]) -> bytes:
+    """Several members' state_dict bytes -> one ``model.pt`` (a lone member stays a plain state_dict)."""
+    import torch
+
+    if len(states) == 1:
+        return states[0]
+    buf = io.BytesIO()
+    torch.save({"members": [torch.load(io.BytesIO(s), map_location="cpu", weights_only=True) for s in states]}, buf)
+    return buf.getvalue()
+
+
 def load_predictor(state_dict: bytes | str | Path, meta: dict, device: str | None = None) -> Predictor:
     import torch
 
@@ -102,11 +143,17 @@ def load_predictor(state_dict: bytes | str | Path, meta: dict, device: str | Non
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = io.BytesIO(state_dict) if isinstance(state_dict, bytes) else state_dict
     state = torch.load(source, map_location="cpu", weights_only=True)
-    model = create_model(meta["arch"], num_classes=len(meta["classes"]), pretrained=False,
-                         image_size=meta["image_size"])
-    model.load_state_dict(state)
-    model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return Predictor(model=model, meta=meta, device=device)
+    states = state["members"] if "members" in state else [state]
+    members = members_of(meta)
+    if len(states) != len(members):
+        raise ValueError(f"model.pt holds {len(states)} members but model.json describes {len(members)}")
+    models = []
+    for member, member_state in zip(members, states):
+        model = create_model(member["arch"], num_classes=len(meta["classes"]), pretrained=False,
+                             image_size=meta["image_size"])
+        model.load_state_dict(member_state)
+        models.append(model.to(device).to(memory_format=torch.channels_last).eval())
+    return Predictor(models=models, meta=meta, device=device)
 
 
 # --- SageMaker PyTorch serving contract -------------------------------------

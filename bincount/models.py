@@ -101,9 +101,34 @@ def _efficientnet_lite0(num_classes: int, pretrained: bool, image_size: int):
     return model, "_fc"
 
 
+HEADS = {"efficientnet_lite0": "_fc", "resnet18": "fc", "resnet34": "fc", "resnet50": "fc"}
+
+
+def head_name(arch: str) -> str:
+    """The attribute that holds the new classifier layer."""
+    return HEADS[get_arch(arch).name]
+
+
+def early_modules(model, arch: str, blocks: int) -> list:
+    """The stem and the first ``blocks`` blocks (EfficientNet) or stages (ResNet), in order."""
+    if blocks <= 0:
+        return []
+    if arch == "efficientnet_lite0":
+        if blocks > len(model._blocks):
+            raise ValueError(f"efficientnet_lite0 has {len(model._blocks)} blocks, cannot freeze {blocks}")
+        return [model._conv_stem, model._bn0, *model._blocks[:blocks]]
+    if blocks > 4:
+        raise ValueError(f"{arch} has 4 stages, cannot freeze {blocks}")
+    return [model.conv1, model.bn1, *[getattr(model, f"layer{i}") for i in range(1, blocks + 1)]]
+
+
 def create_model(arch: str, *, num_classes: int, pretrained: bool = False,
-                 freeze_backbone: bool = False, image_size: int = 224):
-    """A classifier with ``num_classes`` outputs; only the head trains if frozen."""
+                 freeze_backbone: bool = False, frozen_blocks: int = 0, image_size: int = 224):
+    """A classifier with ``num_classes`` outputs.
+
+    ``freeze_backbone``: only the head trains. ``frozen_blocks``: the stem and
+    that many first blocks keep their weights (see ``set_train_mode``).
+    """
     get_arch(arch)
     if arch == "efficientnet_lite0":
         model, head = _efficientnet_lite0(num_classes, pretrained, image_size)
@@ -112,4 +137,15 @@ def create_model(arch: str, *, num_classes: int, pretrained: bool = False,
     if freeze_backbone:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith(head + ".")
+    for module in early_modules(model, arch, frozen_blocks):
+        module.requires_grad_(False)
+    return model
+
+
+def set_train_mode(model, arch: str, frozen_blocks: int = 0):
+    """``model.train()``, except that frozen early blocks stay in eval mode, so their
+    batch-norm statistics stay ImageNet's, like their weights."""
+    model.train()
+    for module in early_modules(model, arch, frozen_blocks):
+        module.eval()
     return model

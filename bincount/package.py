@@ -1,6 +1,6 @@
 """model.tar.gz, laid out the way SageMaker's PyTorch container expects it::
 
-    model.pt                  the weights (a plain state_dict)
+    model.pt                  the weights (a state_dict, or {"members": [...]} for an ensemble)
     model.json                architecture, classes, image size, run id
     code/inference.py         the handler: re-exports bincount.inference
     code/bincount/...         this library, so the handler needs nothing else

@@ -1,6 +1,14 @@
-"""Choosing among the grid's trained models (the flow's join)."""
+"""Choosing among the grid's trained models (the flow's join).
+
+The join ranks the grid points by validation accuracy and serves the best one,
+or, if the grid asks for it, the mean of the best few (an ensemble), with or
+without flip test-time augmentation. Every member was scored on the same
+validation photos, so the join can report what the combination scores there.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def rank_key(result) -> tuple[float, float]:
@@ -20,3 +28,42 @@ def results_table(results: list):
              "train_seconds": r.train_seconds, "train_images_per_second": r.images_per_second,
              "device": r.device} for r in sorted(results, key=rank_key)]
     return pd.DataFrame(rows)
+
+
+@dataclass
+class Choice:
+    members: list  # TrainResults, best first
+    state: bytes  # model.pt for bincount.inference.load_predictor
+    meta: dict  # model.json, less what only the flow knows (classes, run id)
+    val_accuracy: float  # of the served combination (members, TTA) on the validation split
+
+
+def choose_members(results: list, ensemble: int = 1) -> list:
+    """The best ``ensemble`` grid points that share the best point's image size
+    (members must take the same decoded photo)."""
+    ranked = sorted(results, key=rank_key)
+    size = ranked[0].config["image_size"]
+    return [r for r in ranked if r.config["image_size"] == size][:ensemble]
+
+
+def combined_accuracy(members: list, val_labels: list[int], *, tta: bool) -> float:
+    """Validation accuracy of the members' mean softmax (``val_labels`` are class indices)."""
+    import numpy as np
+
+    probabilities = np.mean([r.val_probabilities_tta if tta else r.val_probabilities for r in members], axis=0)
+    return float((probabilities.argmax(1) == np.asarray(val_labels)).mean())
+
+
+def choose_model(results: list, select, val_labels: list[int]) -> Choice:
+    """What the join serves, per the grid's ``select`` (a :class:`bincount.grid.SelectConfig`)."""
+    from bincount.inference import ensemble_state
+
+    members = choose_members(results, select.ensemble)
+    best = members[0]
+    meta = {"arch": best.config["arch"], "image_size": best.config["image_size"],
+            "grid_point": best.config["name"], "tta": select.tta,
+            "members": [{"arch": r.config["arch"], "grid_point": r.config["name"]} for r in members]}
+    accuracy = combined_accuracy(members, val_labels, tta=select.tta)
+    meta["val_accuracy"] = accuracy
+    return Choice(members=members, state=ensemble_state([r.state_dict for r in members]), meta=meta,
+                  val_accuracy=accuracy)

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from bincount.grid import TrainConfig
-from bincount.images import normalizer, train_augment
-from bincount.models import create_model, get_arch
+from bincount.images import augment_batch, normalizer
+from bincount.models import create_model, get_arch, head_name, set_train_mode
 
 # Set to a grid point's name to make that branch fail after its first epoch:
 # how the test suite exercises `resume`. Never set in normal use.
@@ -56,6 +56,10 @@ class TrainResult:
     train_seconds: float = 0.0
     images_per_second: float = 0.0
     device: str = "cpu"
+    # The best epoch's softmax on each validation photo, alone and averaged over
+    # its four flips: what the join needs to score ensembles and TTA.
+    val_probabilities: list = field(default_factory=list)
+    val_probabilities_tta: list = field(default_factory=list)
 
 
 def pick_device() -> str:
@@ -102,17 +106,54 @@ def evaluate_tensors(model, x, y, *, mean, std, batch_size: int, device: str, dt
     return loss_sum / max(len(x), 1), correct / max(len(x), 1)
 
 
+def make_loss(cfg: TrainConfig, train_y, num_classes: int):
+    """The training loss: cross-entropy (label-smoothed, optionally class-balanced), plus
+    ``count_loss_weight`` times the squared error of the softmax's expected count.
+
+    The expected-count term is what makes the loss know that counts are ordered:
+    cross-entropy alone charges a 4-for-5 mistake as much as a 1-for-5 one, and
+    RMSE does not.
+    """
+    import torch
+
+    weight = None
+    if cfg.class_balanced:
+        freq = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
+        weight = freq.sum() / (num_classes * freq)
+    cross_entropy = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    counts = torch.arange(num_classes, dtype=torch.float32)
+
+    def loss(logits, targets):
+        logits = logits.float()
+        value = cross_entropy(logits, targets)
+        if cfg.count_loss_weight:
+            expected = torch.softmax(logits, 1) @ counts.to(logits.device)
+            value = value + cfg.count_loss_weight * ((expected - targets.float()) ** 2).mean()
+        return value
+
+    return loss
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """The new head at ``lr``, the pretrained body at ``lr * backbone_lr_factor``."""
+    head = head_name(cfg.arch) + "."
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n.startswith(head)], "lr": cfg.lr},
+              {"params": [p for n, p in trainable if not n.startswith(head)], "lr": cfg.lr * cfg.backbone_lr_factor}]
+    return [g for g in groups if g["params"]]
+
+
 def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean, std, device, dtype,
-                    generator, progress: bool, epoch: int, timings: dict | None = None):
+                    generator, progress: bool, epoch: int, criterion=None, timings: dict | None = None):
     """One pass over ``x``; mean loss and accuracy. ``timings`` (if given) gets the seconds spent
     preparing batches (augmentation, normalisation, copy to the device) and computing
     (forward, backward, optimizer step)."""
     import torch
     from bincount.progress import progress_bar
 
-    augment, norm = train_augment(), normalizer(mean, std)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    model.train()
+    norm = normalizer(mean, std)
+    criterion = criterion or make_loss(cfg, y, int(y.max()) + 1)
+    set_train_mode(model, cfg.arch, cfg.frozen_blocks)
     loss_sum, correct, seen = 0.0, 0, 0
     data_seconds = compute_seconds = 0.0
     steps = math.ceil(len(x) / cfg.batch_size)
@@ -120,14 +161,12 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean
                desc=f"{cfg.name} epoch {epoch}", unit=" batch", leave=False)
     for idx in bar:
         t0 = time.perf_counter()
-        # Per-image augmentation: v2 transforms treat a batch as one image.
-        batch = torch.stack([augment(img) for img in x[idx]])
-        inputs = norm(batch).to(device).contiguous(memory_format=torch.channels_last)
+        inputs = norm(augment_batch(x[idx], generator)).to(device).contiguous(memory_format=torch.channels_last)
         targets = y[idx].to(device)
         t1 = time.perf_counter()
         with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(inputs)
-        loss = criterion(logits.float(), targets)
+        loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -173,13 +212,16 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     arch = get_arch(cfg.arch)
     dtype = autocast_dtype(cfg.precision, device)
     model = create_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained,
-                         freeze_backbone=cfg.freeze_backbone, image_size=cfg.image_size)
+                         freeze_backbone=cfg.freeze_backbone, frozen_blocks=cfg.frozen_blocks,
+                         image_size=cfg.image_size)
     model = model.to(device).to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    criterion = make_loss(cfg, train_y, num_classes)
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    # One cycle: warm-up, then cosine decay; per group, so the body keeps its lower rate.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=cfg.epochs * steps_per_epoch,
         pct_start=cfg.warmup_fraction, anneal_strategy="cos")
     generator = torch.Generator().manual_seed(seed)
 
@@ -189,7 +231,8 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
         t0, cpu0, timings = time.perf_counter(), time.process_time(), {}
         train_loss, train_acc = train_one_epoch(
             model, optimizer, scheduler, train_x, train_y, cfg=cfg, mean=arch.mean, std=arch.std,
-            device=device, dtype=dtype, generator=generator, progress=progress, epoch=epoch, timings=timings)
+            device=device, dtype=dtype, generator=generator, progress=progress, epoch=epoch,
+            criterion=criterion, timings=timings)
         train_time = time.perf_counter() - t0
         val_loss, val_acc = evaluate_tensors(model, val_x, val_y, mean=arch.mean, std=arch.std,
                                              batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
@@ -209,7 +252,28 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
             raise RuntimeError(f"{FAIL_ENV}={cfg.name}: failing on purpose after epoch {epoch}")
     result.train_seconds = time.perf_counter() - started
     result.images_per_second = cfg.epochs * len(train_x) / result.train_seconds
+    model.load_state_dict(torch.load(io.BytesIO(result.state_dict), weights_only=True))
+    result.val_probabilities, result.val_probabilities_tta = validation_probabilities(
+        model, val_x, mean=arch.mean, std=arch.std, batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
     return result
+
+
+def validation_probabilities(model, x, *, mean, std, batch_size: int, device: str, dtype=None):
+    """Softmax per photo of ``x``: of the photo alone, and the mean over its four flips."""
+    import torch
+
+    from bincount.inference import flip_views
+
+    norm = normalizer(mean, std)
+    model.eval()
+    plain, tta = [], []
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for idx in _batches(len(x), batch_size):
+            batch = norm(x[idx]).to(device).contiguous(memory_format=torch.channels_last)
+            views = [torch.softmax(model(v).float(), 1).cpu() for v in flip_views(batch)]
+            plain.append(views[0])
+            tta.append(sum(views) / len(views))
+    return torch.cat(plain).tolist(), torch.cat(tta).tolist()
 
 
 def state_dict_bytes(model) -> bytes:

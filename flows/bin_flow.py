@@ -124,26 +124,33 @@ class BinCountFlow(FlowSpec):
         self.next(self.join)
 
     @card(type="blank", id="report")
+    @card(type="bincount_sortable_table", id="grid", options={"title": "Grid points, ranked best first"})
     @step
     def join(self, inputs):
-        """Keep the best grid point by validation accuracy, and a table of all of them."""
-        from bincount.selection import choose_best, results_table
+        """Keep the best grid point by validation accuracy (or the best few, averaged), and a table of all."""
+        from bincount.grid import select_config
+        from bincount.selection import choose_model, results_table
         from bincount.train import TrainResult
 
         results = [TrainResult(**inp.scores, state_dict=inp.state_dict, history=inp.history) for inp in inputs]
-        self.grid_results = results_table(results)
-        self.grid_histories = {r.config["name"]: r.history for r in results}
-        best = choose_best(results)
-        self.chosen = best.config["name"]
-        self.model_state = best.state_dict
-        self.model_meta = {"arch": best.config["arch"], "image_size": best.config["image_size"],
-                           "grid_point": self.chosen, "val_accuracy": best.val_accuracy,
-                           "flow": current.flow_name, "run_id": current.run_id}
         # Everything from before the foreach is the same in every branch; carry it on.
         self.merge_artifacts(inputs, exclude=["history", "scores", "state_dict"])
-        self.model_meta["classes"] = self.class_list
+        self.grid_results = results_table(results)
+        self.grid_histories = {r.config["name"]: r.history for r in results}
+        val = self.split_table[self.split_table["split"] == "val"]
+        choice = choose_model(results, select_config(self.grid.to_dict()),
+                              [self.class_list.index(label) for label in val["label"]])
+        self.chosen = choice.meta["grid_point"]
+        self.ensemble = [m["grid_point"] for m in choice.meta["members"]]
+        self.model_state = choice.state
+        self.model_meta = {**choice.meta, "classes": self.class_list, "flow": current.flow_name,
+                           "run_id": current.run_id}
+        print(f"serving {' + '.join(self.ensemble)}{' with flip TTA' if choice.meta['tta'] else ''}: "
+              f"validation accuracy {choice.val_accuracy:.3f}")
         print(self.grid_results[["name", "val_accuracy", "val_loss", "best_epoch"]].to_string(index=False))
-        cards.join_card(current.card, self)
+        # Two editable cards, so each is named (the grid card's type is in metaflow_extensions/).
+        cards.join_card(current.card["report"], self)
+        cards.grid_card(current.card["grid"], self)
         self.next(self.evaluate)
 
     @card(type="blank", id="report")

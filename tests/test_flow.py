@@ -25,10 +25,13 @@ def test_a_run_keeps_every_artifact_a_user_reads(synthetic_run):
     assert data.split_counts.loc[1].sum() == 60
     assert sorted(data.grid_results["name"]) == ["tiny-a", "tiny-b"]
     assert data.chosen == data.grid_results.iloc[0]["name"]
+    # the tiny grid asks the join for an ensemble of both points with flip TTA
+    assert data.ensemble == data.grid_results["name"].tolist() and data.model_meta["tta"]
     for history in data.grid_histories.values():
         assert len(history) == 6 and {"train_loss", "val_accuracy"} <= set(history[0])
     state = torch.load(io.BytesIO(data.model_state), weights_only=True)
-    assert data.model_meta["run_id"] == synthetic_run.id and "fc.weight" in state
+    assert data.model_meta["run_id"] == synthetic_run.id and len(state["members"]) == 2
+    assert all("fc.weight" in member for member in state["members"])
     metrics = data.test_metrics
     assert metrics["n"] == 45 and {"accuracy", "rmse", "mae", "per_class", "confusion_matrix"} <= set(metrics)
     assert metrics["accuracy"] > 0.3  # five classes: chance is 0.2

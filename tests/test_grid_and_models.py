@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 
 from bincount import models
-from bincount.grid import TrainConfig, expand_grid
+from bincount.grid import SelectConfig, TrainConfig, expand_grid, select_config
 
 
 def test_default_grid_is_valid_and_runs_offline():
@@ -25,6 +25,19 @@ def test_grid_typos_fail_before_training():
         expand_grid({"points": [{"name": "a", "arch": "resnet1000"}]})
     with pytest.raises(ValueError, match="unique"):
         expand_grid({"points": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(ValueError, match="top-level keys.*selct"):
+        expand_grid({"points": [{"name": "a"}], "selct": {"ensemble": 2}})
+    with pytest.raises(ValueError, match="select: unknown keys.*ensembel"):
+        expand_grid({"points": [{"name": "a"}], "select": {"ensembel": 2}})
+    with pytest.raises(ValueError, match="ensemble must be a positive integer"):
+        expand_grid({"points": [{"name": "a"}], "select": {"ensemble": 0}})
+    with pytest.raises(ValueError, match="frozen_blocks must not be negative"):
+        expand_grid({"points": [{"name": "a", "frozen_blocks": -1}]})
+
+
+def test_select_defaults_to_the_single_best_point_without_tta():
+    assert select_config({"points": []}) == SelectConfig(ensemble=1, tta=False)
+    assert select_config({"select": {"ensemble": 3, "tta": True}}) == SelectConfig(ensemble=3, tta=True)
 
 
 @pytest.mark.parametrize("arch", sorted(models.ARCHS))
@@ -40,6 +53,26 @@ def test_frozen_backbone_trains_only_the_head():
     model = models.create_model("efficientnet_lite0", num_classes=5, pretrained=True, freeze_backbone=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["_fc.weight", "_fc.bias"]
+
+
+@pytest.mark.parametrize("arch, blocks, first_trainable", [("efficientnet_lite0", 3, "_blocks.3."),
+                                                            ("resnet18", 2, "layer3.")])
+def test_frozen_blocks_keep_the_stem_and_early_blocks_fixed(arch, blocks, first_trainable):
+    import torch
+
+    model = models.create_model(arch, num_classes=5, frozen_blocks=blocks, image_size=64)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == names[names.index(next(n for n in names if n.startswith(first_trainable))):]
+    models.set_train_mode(model, arch, blocks)
+    frozen = models.early_modules(model, arch, blocks)
+    assert not any(m.training for f in frozen for m in f.modules()) and model.training
+    # frozen batch norms keep their statistics through a training forward pass
+    before = {k: v.clone() for k, v in frozen[1].state_dict().items()}
+    model(torch.randn(4, 3, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in frozen[1].state_dict().items())
+    with pytest.raises(ValueError, match="cannot freeze"):
+        models.early_modules(model, arch, 99)
 
 
 def test_efficientnet_lite0_imagenet_weights_load_offline():

@@ -4,8 +4,9 @@ import pytest
 
 from bincount.grid import TrainConfig
 from bincount.metrics import count_metrics
-from bincount.selection import choose_best, results_table
-from bincount.train import FAIL_ENV, TrainResult, train_on_split
+from bincount.grid import SelectConfig
+from bincount.selection import choose_best, choose_members, choose_model, combined_accuracy, results_table
+from bincount.train import FAIL_ENV, TrainResult, make_loss, param_groups, train_on_split
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,12 @@ def test_training_learns_synthetic_counts_and_keeps_curves(synthetic_split):
     assert result.val_accuracy > 0.4  # chance is 0.2
     state = torch.load(io.BytesIO(result.state_dict), weights_only=True)
     assert "fc.weight" in state
+    # the best epoch's validation softmax, per photo in split order, alone and over four flips
+    n_val = (table["split"] == "val").sum()
+    for probabilities in (result.val_probabilities, result.val_probabilities_tta):
+        assert len(probabilities) == n_val and all(abs(sum(p) - 1) < 1e-4 for p in probabilities)
+    labels = [[1, 2, 3, 4, 5].index(v) for v in table[table["split"] == "val"]["label"]]
+    assert combined_accuracy([result], labels, tta=False) == pytest.approx(result.val_accuracy)
 
 
 def test_injected_failure_stops_the_named_point(synthetic_split, monkeypatch):
@@ -44,14 +51,93 @@ def test_injected_failure_stops_the_named_point(synthetic_split, monkeypatch):
         train_on_split(CFG, images, table, [1, 2, 3, 4, 5], progress=False)
 
 
-def result(name, acc, loss):
-    return TrainResult(config={"name": name}, state_dict=b"", val_accuracy=acc, val_loss=loss)
+def result(name, acc, loss, size=96, probabilities=()):
+    return TrainResult(config={"name": name, "image_size": size}, state_dict=b"", val_accuracy=acc,
+                       val_loss=loss, val_probabilities=list(probabilities))
+
+
+def test_ensemble_members_are_the_best_points_at_the_best_points_image_size():
+    results = [result("a", 0.5, 1.0), result("b", 0.7, 1.0, size=128), result("c", 0.6, 1.0),
+               result("d", 0.55, 1.0, size=128)]
+    assert [r.config["name"] for r in choose_members(results, 2)] == ["b", "d"]
+    assert [r.config["name"] for r in choose_members(results, 1)] == ["b"]
+    assert [r.config["name"] for r in choose_members(results, 9)] == ["b", "d"]
+
+
+def test_an_ensemble_averages_its_members_softmax():
+    # two members, each right on a different photo with low confidence: the mean is right on both
+    a = result("a", 0.5, 1.0, probabilities=[[0.6, 0.4], [0.6, 0.4]])
+    b = result("b", 0.5, 1.0, probabilities=[[0.3, 0.7], [0.0, 1.0]])
+    assert combined_accuracy([a, b], [0, 1], tta=False) == 0.5
+    assert combined_accuracy([a], [0, 1], tta=False) == 0.5
+
+
+def test_the_join_serves_an_ensemble_with_tta(synthetic_split):
+    import torch
+
+    from bincount.inference import load_predictor
+
+    images, table = synthetic_split
+    tiny = TrainConfig(name="x", arch="resnet18", pretrained=False, batch_size=16, epochs=1, image_size=64)
+    results = [train_on_split(tiny, images, table, [1, 2, 3, 4, 5], seed=s, progress=False) for s in (0, 1)]
+    labels = [[1, 2, 3, 4, 5].index(v) for v in table[table["split"] == "val"]["label"]]
+    for r, name in zip(results, "ab"):
+        r.config["name"] = name
+    choice = choose_model(results, SelectConfig(ensemble=2, tta=True), labels)
+    assert [m["grid_point"] for m in choice.meta["members"]] == [r.config["name"] for r in sorted(
+        results, key=lambda r: (-r.val_accuracy, r.val_loss))]
+    state = torch.load(io.BytesIO(choice.state), weights_only=True)
+    assert len(state["members"]) == 2 and choice.meta["tta"]
+    predictor = load_predictor(choice.state, {**choice.meta, "classes": [1, 2, 3, 4, 5]})
+    # the served softmax is the mean over members and flips: the one the join scored on validation
+    val = predictor.prepare([images[i] for i in table[table["split"] == "val"]["id"]])
+    served = [[p["probabilities"][str(c)] for c in (1, 2, 3, 4, 5)] for p in predictor.predict_tensors(val)]
+    expected = torch.tensor([r.val_probabilities_tta for r in results]).mean(0)
+    assert torch.allclose(torch.tensor(served), expected, atol=0.02)  # bf16 in training, fp32 here
+    # four-flip TTA makes the answer the same for a photo and its mirror image
+    flipped = predictor.predict_tensors(val[:4].flip(3))
+    assert [p["count"] for p in flipped] == [p["count"] for p in predictor.predict_tensors(val[:4])]
 
 
 def test_best_is_highest_val_accuracy_then_lowest_loss():
     results = [result("a", 0.5, 1.0), result("b", 0.6, 1.2), result("c", 0.6, 1.1)]
     assert choose_best(results).config["name"] == "c"
     assert results_table(results)["name"].tolist() == ["c", "b", "a"]
+
+
+def test_count_loss_charges_far_counts_more_than_near_ones():
+    import torch
+
+    cfg = TrainConfig(name="l", label_smoothing=0.0, count_loss_weight=1.0)
+    loss = make_loss(cfg, torch.tensor([0, 1, 2, 3, 4]), 5)
+    near, far = torch.full((1, 5), -9.0), torch.full((1, 5), -9.0)
+    near[0, 3], far[0, 0] = 9.0, 9.0  # confident 4 vs confident 1, for a true 5
+    target = torch.tensor([4])
+    plain = make_loss(TrainConfig(name="p", label_smoothing=0.0), torch.tensor([0, 4]), 5)
+    assert plain(near, target) == pytest.approx(plain(far, target).item())
+    assert loss(far, target) > loss(near, target) + 8  # (4-0)^2 - (4-3)^2 = 15
+
+
+def test_class_balanced_loss_weighs_rare_classes_up():
+    import torch
+
+    cfg = TrainConfig(name="b", label_smoothing=0.0, class_balanced=True)
+    loss = make_loss(cfg, torch.tensor([0, 1, 1, 1]), 2)
+    logits = torch.zeros(1, 2)
+    assert loss(logits, torch.tensor([0])) == pytest.approx(loss(logits, torch.tensor([1])).item())
+    # per-sample weights only show up against other samples in the batch
+    both = loss(torch.tensor([[0.0, 5.0], [0.0, 5.0]]), torch.tensor([0, 1]))
+    plain = make_loss(TrainConfig(name="p", label_smoothing=0.0), torch.tensor([0, 1, 1, 1]), 2)
+    assert both > plain(torch.tensor([[0.0, 5.0], [0.0, 5.0]]), torch.tensor([0, 1]))
+
+
+def test_the_pretrained_body_learns_slower_than_the_new_head():
+    from bincount.models import create_model
+
+    cfg = TrainConfig(name="d", arch="resnet18", pretrained=False, lr=1e-3, backbone_lr_factor=0.1, frozen_blocks=1)
+    groups = param_groups(create_model("resnet18", num_classes=5, frozen_blocks=1), cfg)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert len(groups[0]["params"]) == 2 and all(p.requires_grad for g in groups for p in g["params"])
 
 
 def test_count_metrics():
@@ -61,3 +147,16 @@ def test_count_metrics():
     assert m["rmse"] == pytest.approx((5 / 4) ** 0.5)
     assert m["per_class"]["3"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert m["confusion_matrix"][2] == [0, 0, 1, 0, 1]
+
+
+def test_augmentation_only_flips_and_recolours_and_is_seeded():
+    import torch
+
+    from bincount.images import augment_batch
+
+    x = torch.randint(0, 256, (16, 3, 32, 40), dtype=torch.uint8)
+    flips_only = augment_batch(x, torch.Generator().manual_seed(0), jitter=0.0)
+    for image, out in zip(x.float() / 255, flips_only):  # no crop, no resize: every item stays in the photo
+        assert any(torch.allclose(out, v) for v in (image, image.flip(2), image.flip(1), image.flip(1, 2)))
+    a, b = (augment_batch(x, torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1 and not torch.allclose(a, flips_only)
