@@ -69,6 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--select", dest="select", type=_assignment, action="append", default=[],
                         metavar="KEY=VALUE", help="override the grid's select (ensemble, tta)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen-backbone baseline")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (a smoke test)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -112,15 +113,45 @@ def run_recipe(configs, select, x, y, train_idx, val_idx, test_idx, seed: int) -
                            seed=seed, progress=False) for cfg in configs]
     train_seconds = time.perf_counter() - started
     images = sum(cfg.epochs for cfg in configs) * len(train_idx)
-    choice = choose_model(results, select, y[val_idx].tolist())
+    choice = choose_model(results, select, y[val_idx].tolist(), CLASSES)
     predictor = load_predictor(choice.state, {**choice.meta, "classes": CLASSES})
     predictions = predictor.predict_tensors(x[test_idx])
-    out = scores([CLASSES[i] for i in y[test_idx].tolist()], [p["count"] for p in predictions])
+    truth = [CLASSES[i] for i in y[test_idx].tolist()]
+    out = scores(truth, [p["count"] for p in predictions])
+    out["variants"] = serving_variants(predictor, x[test_idx], truth)
     out.update(served=[m["grid_point"] for m in choice.meta["members"]], tta=choice.meta["tta"],
                val_accuracy=choice.val_accuracy, train_seconds=train_seconds,
                train_images_per_second=images / train_seconds,
                points={r.config["name"]: {"val_accuracy": r.val_accuracy, "best_epoch": r.best_epoch}
                        for r in results})
+    return out
+
+
+def serving_variants(predictor, x, truth: list[int]) -> dict:
+    """Test scores of the same trained members served other ways: the best member alone or
+    the ensemble, with or without flip TTA, answering the argmax or the expected count.
+    Only inference differs, so these compare the join's choices without retraining."""
+    import itertools
+
+    import torch
+
+    from bincount.inference import decide, flip_views
+
+    per_member = []  # [member][view] -> (N, classes) softmax
+    with torch.inference_mode():
+        for model, normalize in zip(predictor.models, predictor._normalizers):
+            views = [[] for _ in range(4)]
+            for start in range(0, len(x), 64):
+                batch = normalize(x[start:start + 64]).contiguous(memory_format=torch.channels_last)
+                for k, view in enumerate(flip_views(batch)):
+                    views[k].append(torch.softmax(model(view).float(), 1))
+            per_member.append([torch.cat(v) for v in views])
+    out = {}
+    for members, tta, decision in itertools.product(("best", "ensemble"), (False, True), ("argmax", "expected")):
+        chosen = per_member[:1] if members == "best" else per_member
+        p = torch.stack([v for m in chosen for v in (m if tta else m[:1])]).mean(0)
+        answers = [CLASSES[decide(row, CLASSES, decision)] for row in p.tolist()]
+        out[f"{members}{' +tta' if tta else ''} {decision}"] = scores(truth, answers)
     return out
 
 
@@ -165,6 +196,9 @@ def summarize(name: str, folds: list[dict]) -> dict:
         if values:
             summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
     summary["recall"] = {c: float(np.mean([f["recall"][c] for f in folds])) for c in folds[0]["recall"]}
+    if "variants" in folds[0]:
+        summary["variants"] = {v: {k: float(np.mean([f["variants"][v][k] for f in folds])) for k in ("accuracy", "rmse")}
+                               for v in folds[0]["variants"]}
     recall = " ".join(f"{c}:{r:.2f}" for c, r in summary["recall"].items())
     print(f"{name:9s} accuracy {summary['accuracy']['mean']:.3f} ± {summary['accuracy']['std']:.3f}   "
           f"RMSE {summary['rmse']['mean']:.3f} ± {summary['rmse']['std']:.3f}   "
@@ -172,6 +206,8 @@ def summarize(name: str, folds: list[dict]) -> dict:
           f"train {summary['train_seconds']['mean'] / 60:.1f} min/fold"
           + (f" at {summary['train_images_per_second']['mean']:.1f} images/s"
              if "train_images_per_second" in summary else ""))
+    for variant, v in summary.get("variants", {}).items():
+        print(f"    served as {variant:24s} accuracy {v['accuracy']:.3f}  RMSE {v['rmse']:.3f}")
     return summary
 
 
@@ -194,6 +230,8 @@ def main(argv=None) -> int:
     print(f"recipe: {[c.name for c in configs]} at {size} px, select {select}; overrides {dict(args.overrides)}")
 
     ids, raws, counts = load_dataset(args.data)
+    if args.limit:
+        ids, raws, counts = ids[:args.limit], raws[:args.limit], counts[:args.limit]
     y = torch.tensor([CLASSES.index(c) for c in counts])
     x = decode_all(raws, size, desc=f"decoding at {size} px")
     features = None

@@ -417,7 +417,9 @@ def served_text(model_meta: dict | None) -> str:
         return ""
     what = f"the mean softmax of **{' + '.join(members)}**" if len(members) > 1 else f"**{members[0]}**"
     tta = " over the four flips of each photo" if model_meta.get("tta") else ""
-    return f"\n\nServed: {what}{tta}; validation accuracy {model_meta['val_accuracy']:.3f}."
+    rule = ("the count nearest its expected value" if model_meta.get("decision") == "expected"
+            else "its likeliest count")
+    return f"\n\nServed: {what}{tta}, answering {rule}; validation accuracy {model_meta['val_accuracy']:.3f}."
 
 
 def join_components(grid_results, grid_histories: dict, chosen: str, model_meta: dict | None = None) -> list:

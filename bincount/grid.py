@@ -57,6 +57,9 @@ class TrainConfig:
         return asdict(self)
 
 
+DECISIONS = ("argmax", "expected")
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     # The served model averages the softmax of this many best grid points
@@ -64,12 +67,18 @@ class SelectConfig:
     ensemble: int = 1
     # ...and of the four flips of each photo (test-time augmentation).
     tta: bool = False
+    # How a softmax becomes a count: "argmax" (the likeliest count) or
+    # "expected" (the count nearest the softmax's expected value, which uses
+    # that counts are ordered: when the mass sits on 3 and 4, it answers near them).
+    decision: str = "argmax"
 
     def __post_init__(self):
         if not isinstance(self.ensemble, int) or self.ensemble < 1:
             raise ValueError(f"select.ensemble must be a positive integer, got {self.ensemble!r}")
         if not isinstance(self.tta, bool):
             raise ValueError(f"select.tta must be true or false, got {self.tta!r}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"select.decision must be one of {DECISIONS}, got {self.decision!r}")
 
 
 GRID_KEYS = {"defaults", "points", "select", "description"}
@@ -79,7 +88,7 @@ def select_config(grid: dict) -> SelectConfig:
     select = grid.get("select", {})
     unknown = set(select) - {f.name for f in fields(SelectConfig)}
     if unknown:
-        raise ValueError(f"select: unknown keys {sorted(unknown)}; known: ensemble, tta")
+        raise ValueError(f"select: unknown keys {sorted(unknown)}; known: ensemble, tta, decision")
     return SelectConfig(**select)
 
 

@@ -9,7 +9,8 @@ A model folder holds ``model.pt`` (the weights, loaded with
 ``weights_only=True`` so no pickled code runs: one state_dict, or
 ``{"members": [state_dict, ...]}`` for an ensemble) and ``model.json``
 (architecture, classes, image size, run id; ``members`` lists each ensemble
-member's architecture; ``tta`` asks for flip test-time augmentation).
+member's architecture; ``tta`` asks for flip test-time augmentation;
+``decision`` is how the probabilities become a count, see ``decide``).
 
 An answer's probabilities are the mean softmax over members and, with ``tta``,
 over the four flips of the photo (flips never change a count).
@@ -62,6 +63,14 @@ def mean_probabilities(models: list, normalizers: list, images, *, tta: bool, de
     return (total / (len(models) * (4 if tta else 1))).cpu()
 
 
+def decide(probabilities: list[float], classes: list[int], decision: str = "argmax") -> int:
+    """The index of the answered count: the likeliest, or the one nearest the expected count."""
+    if decision == "expected":
+        expected = sum(p * c for p, c in zip(probabilities, classes))
+        return min(range(len(classes)), key=lambda k: abs(classes[k] - expected))
+    return max(range(len(probabilities)), key=probabilities.__getitem__)
+
+
 def members_of(meta: dict) -> list[dict]:
     """Each ensemble member's description; a single model is an ensemble of one."""
     return meta.get("members") or [{"arch": meta["arch"]}]
@@ -110,7 +119,7 @@ class Predictor:
                 probabilities = mean_probabilities(self.models, self._normalizers, images[start:start + batch_size],
                                                    tta=self.tta, device=self.device)
                 for p in probabilities.tolist():
-                    best = max(range(len(p)), key=p.__getitem__)
+                    best = decide(p, self.classes, self.meta.get("decision", "argmax"))
                     out.append({"count": self.classes[best],
                                 "probabilities": {str(c): round(q, 6) for c, q in zip(self.classes, p)},
                                 "run_id": self.meta.get("run_id")})

@@ -46,24 +46,30 @@ def choose_members(results: list, ensemble: int = 1) -> list:
     return [r for r in ranked if r.config["image_size"] == size][:ensemble]
 
 
-def combined_accuracy(members: list, val_labels: list[int], *, tta: bool) -> float:
-    """Validation accuracy of the members' mean softmax (``val_labels`` are class indices)."""
+def combined_accuracy(members: list, val_labels: list[int], *, tta: bool, classes: list[int] | None = None,
+                      decision: str = "argmax") -> float:
+    """Validation accuracy of the members' mean softmax, answered as the endpoint would
+    (``val_labels`` are class indices; ``classes`` the counts they stand for)."""
     import numpy as np
 
+    from bincount.inference import decide
+
     probabilities = np.mean([r.val_probabilities_tta if tta else r.val_probabilities for r in members], axis=0)
-    return float((probabilities.argmax(1) == np.asarray(val_labels)).mean())
+    classes = classes or list(range(probabilities.shape[1]))
+    answers = [decide(p, classes, decision) for p in probabilities.tolist()]
+    return float(np.mean(np.asarray(answers) == np.asarray(val_labels)))
 
 
-def choose_model(results: list, select, val_labels: list[int]) -> Choice:
+def choose_model(results: list, select, val_labels: list[int], classes: list[int] | None = None) -> Choice:
     """What the join serves, per the grid's ``select`` (a :class:`bincount.grid.SelectConfig`)."""
     from bincount.inference import ensemble_state
 
     members = choose_members(results, select.ensemble)
     best = members[0]
     meta = {"arch": best.config["arch"], "image_size": best.config["image_size"],
-            "grid_point": best.config["name"], "tta": select.tta,
+            "grid_point": best.config["name"], "tta": select.tta, "decision": select.decision,
             "members": [{"arch": r.config["arch"], "grid_point": r.config["name"]} for r in members]}
-    accuracy = combined_accuracy(members, val_labels, tta=select.tta)
+    accuracy = combined_accuracy(members, val_labels, tta=select.tta, classes=classes, decision=select.decision)
     meta["val_accuracy"] = accuracy
     return Choice(members=members, state=ensemble_state([r.state_dict for r in members]), meta=meta,
                   val_accuracy=accuracy)

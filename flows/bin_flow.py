@@ -139,7 +139,7 @@ class BinCountFlow(FlowSpec):
         self.grid_histories = {r.config["name"]: r.history for r in results}
         val = self.split_table[self.split_table["split"] == "val"]
         choice = choose_model(results, select_config(self.grid.to_dict()),
-                              [self.class_list.index(label) for label in val["label"]])
+                              [self.class_list.index(label) for label in val["label"]], self.class_list)
         self.chosen = choice.meta["grid_point"]
         self.ensemble = [m["grid_point"] for m in choice.meta["members"]]
         self.model_state = choice.state

@@ -27,6 +27,7 @@ def test_a_run_keeps_every_artifact_a_user_reads(synthetic_run):
     assert data.chosen == data.grid_results.iloc[0]["name"]
     # the tiny grid asks the join for an ensemble of both points with flip TTA
     assert data.ensemble == data.grid_results["name"].tolist() and data.model_meta["tta"]
+    assert data.model_meta["decision"] == "expected"
     for history in data.grid_histories.values():
         assert len(history) == 6 and {"train_loss", "val_accuracy"} <= set(history[0])
     state = torch.load(io.BytesIO(data.model_state), weights_only=True)

@@ -36,7 +36,9 @@ def test_grid_typos_fail_before_training():
 
 
 def test_select_defaults_to_the_single_best_point_without_tta():
-    assert select_config({"points": []}) == SelectConfig(ensemble=1, tta=False)
+    assert select_config({"points": []}) == SelectConfig(ensemble=1, tta=False, decision="argmax")
+    with pytest.raises(ValueError, match="decision must be one of"):
+        select_config({"select": {"decision": "median"}})
     assert select_config({"select": {"ensemble": 3, "tta": True}}) == SelectConfig(ensemble=3, tta=True)
 
 

@@ -72,6 +72,19 @@ def test_an_ensemble_averages_its_members_softmax():
     assert combined_accuracy([a], [0, 1], tta=False) == 0.5
 
 
+def test_the_expected_count_decision_answers_between_neighbours():
+    from bincount.inference import decide
+
+    spread = [0.0, 0.0, 0.35, 0.3, 0.35]  # counts 1-5: argmax says 3 (first of the ties), the mass centres on 4
+    assert decide(spread, [1, 2, 3, 4, 5]) == 2
+    assert decide(spread, [1, 2, 3, 4, 5], "expected") == 3
+    assert decide([0.5, 0.0, 0.5], [0, 1, 5], "expected") == 1  # expected 2.5: of counts 0, 1, 5, 1 is nearest
+    # the join scores a combination with the decision the endpoint will use
+    a = result("a", 0.5, 1.0, probabilities=[spread, [0.1, 0.8, 0.1, 0.0, 0.0]])
+    assert combined_accuracy([a], [3, 1], tta=False, classes=[1, 2, 3, 4, 5], decision="expected") == 1.0
+    assert combined_accuracy([a], [3, 1], tta=False, classes=[1, 2, 3, 4, 5]) == 0.5
+
+
 def test_the_join_serves_an_ensemble_with_tta(synthetic_split):
     import torch
 
