@@ -266,7 +266,8 @@ def white_jpeg() -> bytes:
 
 def test_model_error_is_a_json_500_and_spares_the_batch_and_later_requests(tiny_model, jpegs, expected):
     predictor = inference.load_predictor(*tiny_model)
-    model = predictor.model = PoisonedModel(predictor.model)
+    model = PoisonedModel(predictor.models[0])
+    predictor.models[0] = model
     app = create_app(predictor, max_batch_size=8, max_batch_delay_ms=20)
     image = {"Content-Type": "image/jpeg"}
     good = [Case(f"jpeg {i}", raw, image, 200, [raw]) for i, raw in enumerate(jpegs)]
