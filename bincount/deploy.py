@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bincount.package import extract_package
 
-STARTUP_TIMEOUT_S = 120
+STARTUP_TIMEOUT_S = 300  # loading and timing an ensemble on a busy CPU takes a while
 REQUEST_TIMEOUT_S = 30
 
 

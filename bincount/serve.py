@@ -31,6 +31,7 @@ DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_BATCH_SIZE = "auto"
 DEFAULT_MAX_BATCH_DELAY_MS = 5.0
 AUTO_BATCH_LIMIT = 32  # the largest batch "auto" tries
+MAX_TIMED_BATCH_S = 2.0  # ...unless a smaller one already takes this long
 # Environment variables that set the batching defaults, so that a server
 # started by someone else (bincount.deploy.start_local_endpoint, a container)
 # can be configured without changing its command line.
@@ -204,15 +205,22 @@ def time_batch_sizes(predictor, limit: int = AUTO_BATCH_LIMIT, rounds: int = 3) 
 
     Sizes take turns, round after round, and each keeps its fastest round:
     other work on the machine only ever adds time, and taking turns keeps a
-    burst of it from landing on one size alone.
+    burst of it from landing on one size alone. Sizes stop doubling once one
+    batch takes over MAX_TIMED_BATCH_S: an ensemble with flip TTA costs 4 forward
+    passes per member per photo, and on a CPU timing it at 32 would hold up
+    start-up for a minute to learn what a batch that slow cannot gain.
     """
     import torch
 
     sizes = [2 ** k for k in range(limit.bit_length()) if 2 ** k <= limit]
     images = torch.zeros((sizes[-1], 3, predictor.meta["image_size"], predictor.meta["image_size"]),
                          dtype=torch.uint8)
-    for size in sizes:  # warm-up: the first pass at each shape picks kernels and allocates
+    for k, size in enumerate(sizes):  # warm-up: the first pass at each shape picks kernels and allocates
+        start = time.perf_counter()
         predictor.predict_tensors(images[:size], batch_size=size)
+        if time.perf_counter() - start > MAX_TIMED_BATCH_S:
+            sizes = sizes[:k + 1]
+            break
     fastest = dict.fromkeys(sizes, float("inf"))
     for _ in range(rounds):
         for size in sizes:

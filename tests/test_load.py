@@ -374,3 +374,12 @@ def test_auto_batch_size_is_the_fastest_measured(ms_per_image, chosen):
 def test_batch_sizes_are_timed_on_the_real_model(tiny_model):
     timings = time_batch_sizes(inference.load_predictor(*tiny_model), limit=8, rounds=1)
     assert list(timings) == [1, 2, 4, 8] and all(0 < t < 10 for t in timings.values())
+
+
+def test_batch_sizes_stop_doubling_once_a_batch_is_slow(tiny_model, monkeypatch):
+    import bincount.serve
+
+    # An ensemble with TTA on a CPU: every batch counts as slow, so only the first size is timed.
+    monkeypatch.setattr(bincount.serve, "MAX_TIMED_BATCH_S", 0.0)
+    timings = time_batch_sizes(inference.load_predictor(*tiny_model), limit=8, rounds=1)
+    assert list(timings) == [1]
