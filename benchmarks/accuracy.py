@@ -255,12 +255,19 @@ def main(argv=None) -> int:
             results["baseline"].append(base)
             line += f" | baseline accuracy {base['accuracy']:.3f} RMSE {base['rmse']:.3f}"
         print(line, flush=True)
+        for variant, v in fold["variants"].items():
+            print(f"    served as {variant:24s} accuracy {v['accuracy']:.3f}  RMSE {v['rmse']:.3f}", flush=True)
+        write(args, results, None)  # after every fold: an hour's run is not lost to an interruption
     print(f"\n{len(y)} photos, {args.folds}-fold stratified CV, folds run: {list(wanted)}")
     summary = {name: summarize(name, folds_) for name, folds_ in results.items() if folds_}
+    write(args, results, summary)
+    return 0
+
+
+def write(args, results: dict, summary: dict | None) -> None:
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                         "summary": summary, "folds": results}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
