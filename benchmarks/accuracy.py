@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--set", dest="overrides", type=_assignment, action="append", default=[],
                         metavar="KEY=VALUE", help="override a training setting in every grid point")
     parser.add_argument("--select", dest="select", type=_assignment, action="append", default=[],
-                        metavar="KEY=VALUE", help="override the grid's select (ensemble, tta)")
+                        metavar="KEY=VALUE", help="override the grid's select (ensemble, tta, decision)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen-backbone baseline")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (a smoke test)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")

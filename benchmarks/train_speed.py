@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/accuracy.py reads the photos
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "abid-sample"
 DEFAULT_GRID = REPO_ROOT / "flows" / "grids" / "default.json"
 
@@ -55,21 +56,10 @@ def parse_args(argv=None):
 
 def load_photos(data: Path, n: int) -> tuple[list[bytes], list[int]]:
     """The first ``n`` readable photos with a count of 1-5, in id order, and their class indices."""
-    if not (data / "metadata").is_dir():
-        sys.exit(f"no abid-sample at {data}: pass --data or set BINCOUNT_ABID_SAMPLE")
-    raws, labels = [], []
-    for meta in sorted((data / "metadata").glob("*.json")):
-        image = data / "bin-images" / f"{meta.stem}.jpg"
-        try:
-            count = json.loads(meta.read_text()).get("EXPECTED_QUANTITY")
-        except ValueError:
-            continue
-        if count in (1, 2, 3, 4, 5) and image.exists():
-            raws.append(image.read_bytes())
-            labels.append(count - 1)
-        if len(raws) == n:
-            break
-    return raws, labels
+    from accuracy import CLASSES, load_dataset
+
+    _, raws, counts = load_dataset(data)
+    return raws[:n], [CLASSES.index(c) for c in counts[:n]]
 
 
 def plain_loop(cfg, raws, labels, epochs: int) -> float:
