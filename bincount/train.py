@@ -4,6 +4,10 @@ Photos arrive already decoded to uint8 tensors (see bincount.images), so an
 epoch costs only augmentation and the network. The weights of the epoch with
 the best validation accuracy are kept (ties: lower validation loss), which is
 early stopping without a patience knob to tune.
+
+The same code trains data-parallel under torch.distributed (torchrun and the
+launchers built on it; see bincount.distributed): each process decodes and
+trains on its own shard of the photos, and all of them return the same result.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+from bincount.distributed import (all_gather, all_reduce_sum, broadcast_buffers, init_from_env, interleave, shard,
+                                  world)
 from bincount.grid import TrainConfig
 from bincount.images import augment_batch, normalizer
 from bincount.models import create_model, get_arch, head_name, set_train_mode
@@ -34,6 +40,8 @@ def machine_lock(path: str = LOCK_PATH):
     on one CPU each start a thread per core and thrash each other (measured
     here: 6 images/s each instead of about 150 for one alone). On Batch or
     Kubernetes every branch has its own machine and the lock is never contended.
+    Data-parallel processes on one machine must not take it: they would wait
+    for each other forever.
     """
     import fcntl
 
@@ -143,22 +151,40 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def unwrapped(model):
+    """The network itself, whether or not it is inside DistributedDataParallel."""
+    import torch
+
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def epoch_steps(shard_sizes: list[int], batch_size: int) -> int:
+    """Optimizer steps per epoch: one pass over the smallest rank's shard. Every rank must take
+    the same number of steps, or the ranks that step on wait for the others forever."""
+    return math.ceil(min(shard_sizes) / batch_size)
+
+
 def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean, std, device, dtype,
-                    generator, progress: bool, epoch: int, criterion=None, timings: dict | None = None):
-    """One pass over ``x``; mean loss and accuracy. ``timings`` (if given) gets the seconds spent
+                    generator, progress: bool, epoch: int, criterion=None, timings: dict | None = None,
+                    batch_size: int | None = None, steps: int | None = None):
+    """One pass over ``x`` (or its first ``steps`` batches of ``batch_size``; default
+    ``cfg.batch_size``); mean loss and accuracy. ``timings`` (if given) gets the seconds spent
     preparing batches (augmentation, normalisation, copy to the device) and computing
     (forward, backward, optimizer step)."""
+    import itertools
+
     import torch
     from bincount.progress import progress_bar
 
     norm = normalizer(mean, std)
     criterion = criterion or make_loss(cfg, y, int(y.max()) + 1)
-    set_train_mode(model, cfg.arch, cfg.frozen_blocks)
+    set_train_mode(unwrapped(model), cfg.arch, cfg.frozen_blocks)
     loss_sum, correct, seen = 0.0, 0, 0
     data_seconds = compute_seconds = 0.0
-    steps = math.ceil(len(x) / cfg.batch_size)
-    bar = progress_bar(_batches(len(x), cfg.batch_size, generator), total=steps, disable=not progress,
-               desc=f"{cfg.name} epoch {epoch}", unit=" batch", leave=False)
+    batch_size = batch_size or cfg.batch_size
+    steps = steps or math.ceil(len(x) / batch_size)
+    bar = progress_bar(itertools.islice(_batches(len(x), batch_size, generator), steps), total=steps,
+                       disable=not progress, desc=f"{cfg.name} epoch {epoch}", unit=" batch", leave=False)
     for idx in bar:
         t0 = time.perf_counter()
         inputs = norm(augment_batch(x[idx], generator)).to(device).contiguous(memory_format=torch.channels_last)
@@ -202,11 +228,28 @@ def resource_usage(device: str, cpu_seconds: float, wall_seconds: float) -> dict
     return usage
 
 
+def pooled(world_size: int, loss: float, accuracy: float, n: int) -> tuple[float, float]:
+    """Mean loss and accuracy over every rank's photos, from each rank's means over its ``n``."""
+    if world_size == 1:
+        return loss, accuracy
+    loss_sum, correct, total = all_reduce_sum([loss * n, round(accuracy * n), n])
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
 def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes: int, seed: int = 0,
                 device: str | None = None, progress: bool = True) -> TrainResult:
-    """Train one grid point; return the best epoch's weights and every epoch's curves."""
+    """Train one grid point; return the best epoch's weights and every epoch's curves.
+
+    In a torch.distributed process group of more than one process, each rank passes its own
+    shard of the train and validation photos (``bincount.distributed.shard``) and the model
+    trains under DistributedDataParallel. ``cfg.batch_size`` stays the global batch (each rank
+    takes its share), so the learning rate means what it means in one process. Every rank
+    returns the same result: curves, best epoch and weights over all ranks' photos, and the
+    validation softmax of the whole validation set in its original order.
+    """
     import torch
 
+    rank, world_size = world()
     torch.manual_seed(seed)
     device = device or pick_device()
     arch = get_arch(cfg.arch)
@@ -217,44 +260,70 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     model = model.to(device).to(memory_format=torch.channels_last)
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    criterion = make_loss(cfg, train_y, num_classes)
-    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    # Class-balanced weights need the class frequencies of all the training photos.
+    criterion = make_loss(cfg, train_y if world_size == 1 else torch.cat(all_gather(train_y)), num_classes)
+    shard_sizes = [len(train_x)] if world_size == 1 else all_gather(len(train_x))
+    batch_size = max(1, cfg.batch_size // world_size)
+    steps_per_epoch = epoch_steps(shard_sizes, batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"no training photos on some rank (shards of {shard_sizes} photos)")
+    images_per_epoch = sum(min(n, steps_per_epoch * batch_size) for n in shard_sizes)
     # One cycle: warm-up, then cosine decay; per group, so the body keeps its lower rate.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=cfg.epochs * steps_per_epoch,
         pct_start=cfg.warmup_fraction, anneal_strategy="cos")
-    generator = torch.Generator().manual_seed(seed)
+    # Each rank flips and recolours its photos with draws of its own.
+    generator = torch.Generator().manual_seed(seed + rank)
+    net = model
+    if world_size > 1:
+        # The weights above were drawn alike on every rank (and DDP copies rank 0's anyway);
+        # dropout and drop-connect from here on should differ between ranks, like their photos.
+        torch.manual_seed(seed + rank)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
 
     result = TrainResult(config=cfg.as_dict(), state_dict=b"", device=device)
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0, cpu0, timings = time.perf_counter(), time.process_time(), {}
         train_loss, train_acc = train_one_epoch(
-            model, optimizer, scheduler, train_x, train_y, cfg=cfg, mean=arch.mean, std=arch.std,
-            device=device, dtype=dtype, generator=generator, progress=progress, epoch=epoch,
-            criterion=criterion, timings=timings)
+            net, optimizer, scheduler, train_x, train_y, cfg=cfg, mean=arch.mean, std=arch.std,
+            device=device, dtype=dtype, generator=generator, progress=progress and rank == 0, epoch=epoch,
+            criterion=criterion, timings=timings, batch_size=batch_size, steps=steps_per_epoch)
         train_time = time.perf_counter() - t0
+        if world_size > 1:
+            broadcast_buffers(model)
+        # Validation runs on the network itself, not through DDP: ranks hold different numbers
+        # of validation photos, and only the collectives in ``pooled`` need to line up.
         val_loss, val_acc = evaluate_tensors(model, val_x, val_y, mean=arch.mean, std=arch.std,
                                              batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
+        trained = min(len(train_x), steps_per_epoch * batch_size)
+        train_loss, train_acc = pooled(world_size, train_loss, train_acc, trained)
+        val_loss, val_acc = pooled(world_size, val_loss, val_acc, len(val_x))
         epoch_seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                "val_loss": val_loss, "val_accuracy": val_acc, "epoch_seconds": epoch_seconds,
-               "train_images_per_second": len(train_x) / train_time, "lr": scheduler.get_last_lr()[0],
+               "train_images_per_second": images_per_epoch / train_time, "lr": scheduler.get_last_lr()[0],
                **timings, "val_seconds": epoch_seconds - train_time,
                **resource_usage(device, time.process_time() - cpu0, epoch_seconds)}
         result.history.append(row)
-        print(f"{cfg.name} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.3f} acc {train_acc:.3f} | "
-              f"val loss {val_loss:.3f} acc {val_acc:.3f} | {row['train_images_per_second']:.1f} img/s")
+        if rank == 0:
+            print(f"{cfg.name} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.3f} acc {train_acc:.3f} | "
+                  f"val loss {val_loss:.3f} acc {val_acc:.3f} | {row['train_images_per_second']:.1f} img/s")
         if (val_acc, -val_loss) > (result.val_accuracy, -result.val_loss) or not result.state_dict:
             result.best_epoch, result.val_accuracy, result.val_loss = epoch, val_acc, val_loss
             result.state_dict = state_dict_bytes(model)
         if os.environ.get(FAIL_ENV) == cfg.name:
             raise RuntimeError(f"{FAIL_ENV}={cfg.name}: failing on purpose after epoch {epoch}")
     result.train_seconds = time.perf_counter() - started
-    result.images_per_second = cfg.epochs * len(train_x) / result.train_seconds
+    result.images_per_second = cfg.epochs * images_per_epoch / result.train_seconds
     model.load_state_dict(torch.load(io.BytesIO(result.state_dict), weights_only=True))
     result.val_probabilities, result.val_probabilities_tta = validation_probabilities(
         model, val_x, mean=arch.mean, std=arch.std, batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
+    if world_size > 1:
+        # Rank r holds validation photos r, r + world_size, ...: put the whole set back in order.
+        result.val_probabilities = interleave(all_gather(result.val_probabilities))
+        result.val_probabilities_tta = interleave(all_gather(result.val_probabilities_tta))
     return result
 
 
@@ -264,6 +333,8 @@ def validation_probabilities(model, x, *, mean, std, batch_size: int, device: st
 
     from bincount.inference import flip_views
 
+    if not len(x):  # a rank's validation shard, when there are fewer photos than ranks
+        return [], []
     norm = normalizer(mean, std)
     model.eval()
     plain, tta = [], []
@@ -286,19 +357,31 @@ def state_dict_bytes(model) -> bytes:
 
 def train_on_split(cfg: TrainConfig, images: dict[str, bytes], split_table, classes: list[int], *,
                    seed: int = 0, progress: bool = True) -> TrainResult:
-    """Decode the train and validation photos once, then train one grid point."""
+    """Decode the train and validation photos once, then train one grid point.
+
+    Launched by torchrun (or anything else that sets ``WORLD_SIZE`` above 1 and the other
+    torch.distributed variables), this process joins the group and decodes only its own shard
+    of each split, rows rank, rank + world size, ... of the split table; every rank returns
+    the same result. The entry point then lets rank 0 write what is written once, and calls
+    ``bincount.distributed.cleanup()``.
+    """
     import torch
 
     from bincount.images import decode_all
 
+    distributed = init_from_env()
+    rank, world_size = world()
+
     def tensors(split: str):
         rows = split_table[split_table["split"] == split]
-        x = decode_all((images[i] for i in rows["id"]), cfg.image_size, progress=progress, desc=f"decoding {split}")
-        y = torch.tensor([classes.index(label) for label in rows["label"]], dtype=torch.long)
+        ids, labels = shard(list(rows["id"]), rank, world_size), shard(list(rows["label"]), rank, world_size)
+        x = decode_all((images[i] for i in ids), cfg.image_size, progress=progress and rank == 0,
+                       desc=f"decoding {split}")
+        y = torch.tensor([classes.index(label) for label in labels], dtype=torch.long)
         return x, y
 
     train_x, train_y = tensors("train")
     val_x, val_y = tensors("val")
-    with machine_lock():
+    with nullcontext() if distributed else machine_lock():
         return train_model(cfg, train_x, train_y, val_x, val_y, num_classes=len(classes), seed=seed,
                            progress=progress)
