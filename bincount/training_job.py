@@ -1,0 +1,404 @@
+"""bincount's training entry point in SageMaker script mode, and the formats both sides share.
+
+SageMaker runs it in the training container (the launcher is
+bincount.sagemaker_training), from a ``train.py`` that sits beside a copy of
+the ``bincount`` package, the way SageMaker runs any script::
+
+    python train.py --name a --arch resnet18 --lr 0.001 --classes "[1, 2, 3]" --seed 0 ...
+    torchrun --nnodes=2 --nproc_per_node=4 train.py --name a ...      (distributed)
+
+It reads
+
+- the hyperparameters: every :class:`TrainConfig` field (``name`` required) plus
+  ``seed`` and ``classes`` (required), from ``SM_HPS`` (JSON, which SageMaker
+  sets) or else from ``--key value`` arguments; values may arrive as strings
+  and are converted to the field's type;
+- ``SM_CHANNEL_TRAIN``: the branch's data as :func:`write_channel` lays it out
+  (``split.csv`` with ``id,label,split`` and ``images/<id>.jpg``, the train
+  and validation rows only: the test split never leaves the flow);
+- ``SM_MODEL_DIR``: where :func:`save_result` puts the weights and the rest of
+  the :class:`TrainResult`; SageMaker tars it into ``model.tar.gz`` and the
+  launcher reads it back with :func:`load_result`;
+- ``SM_OUTPUT_DATA_DIR`` (optional): the curves as ``history.csv``, for people
+  looking at the job (SageMaker's ``output.tar.gz``);
+- ``SM_OUTPUT_FAILURE`` (optional): where an error's message goes, which
+  SageMaker reports as the job's FailureReason.
+
+Run by hand::
+
+    SM_CHANNEL_TRAIN=channel SM_MODEL_DIR=model python -m bincount.training_job \\
+        --name a --arch resnet18 --pretrained false --epochs 2 --classes 1,2,3
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from bincount.grid import TrainConfig
+from bincount.train import TrainResult
+
+CHANNEL = "train"  # the job's one data channel: SM_CHANNEL_TRAIN
+CHANNEL_ENV = f"SM_CHANNEL_{CHANNEL.upper()}"
+CHANNEL_SPLITS = ("train", "val")  # what leaves the flow; never "test"
+SPLIT_FILE = "split.csv"
+SPLIT_COLUMNS = ["id", "label", "split"]
+IMAGES_DIR = "images"
+WEIGHTS_FILE = "model.pt"  # TrainResult.state_dict, byte for byte (torch.save; load with weights_only=True)
+RESULT_FILE = "result.json"  # every other TrainResult field
+HISTORY_FILE = "history.csv"
+FORMAT_VERSION = 1
+EXTRA_HYPERPARAMETERS = ("seed", "classes")
+REQUIRED_HYPERPARAMETERS = ("name", "classes")
+# Bin ids become file names in the channel: nothing that could leave images/.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+FAILURE_REASON_MAX = 1000  # SageMaker keeps about 1 KB of FailureReason
+
+
+class TrainingJobError(ValueError):
+    """The job's input (hyperparameters, environment, channel, model folder) is not usable;
+    the message says what is wrong and what was expected."""
+
+
+# --- hyperparameters ---------------------------------------------------------------
+
+def _parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_hyperparameters(cfg: TrainConfig, *, seed: int, classes: Sequence[int]) -> dict[str, str]:
+    """The job's hyperparameters: strings, as SageMaker stores them.
+
+    SageMaker's container JSON-decodes every value it can (``"123"`` becomes
+    123, ``"true"`` becomes True), so a string field whose text happens to be
+    valid JSON (a grid point named ``"1e-3"``) is sent JSON-quoted and comes back
+    as the same string; every other value is sent as plain text, as it reads
+    in the SageMaker console.
+    """
+    values = {**cfg.as_dict(), "seed": int(seed), "classes": [int(c) for c in classes]}
+    encoded = {}
+    for key, value in values.items():
+        if isinstance(value, str):
+            encoded[key] = json.dumps(value) if _parses_as_json(value) else value
+        else:
+            encoded[key] = json.dumps(value)
+    return encoded
+
+
+def hyperparameters_from_args(argv: Sequence[str]) -> dict[str, str]:
+    """``--key value`` / ``--key=value`` pairs, as SageMaker's drivers pass hyperparameters."""
+    values: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or token == "--":
+            raise TrainingJobError(f"unexpected argument {token!r}: hyperparameters are given as --key value")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(args):
+                raise TrainingJobError(f"hyperparameter --{key} has no value")
+            value, i = args[i + 1], i + 1
+        values[key.replace("-", "_")] = value
+        i += 1
+    return values
+
+
+def raw_hyperparameters(argv: Sequence[str], environ: Mapping[str, str]) -> dict:
+    """``SM_HPS`` when SageMaker set it, else the command line.
+
+    SM_HPS wins because it is the lossless one: SageMaker's drivers build the
+    command line by decoding each value once more and printing it again, which
+    turns a string ``"1e-3"`` into ``0.001``.
+    """
+    if environ.get("SM_HPS"):
+        try:
+            values = json.loads(environ["SM_HPS"])
+        except ValueError as e:
+            raise TrainingJobError(f"SM_HPS is not JSON ({e}): {environ['SM_HPS'][:200]!r}") from e
+        if not isinstance(values, dict):
+            raise TrainingJobError(f"SM_HPS must be a JSON object of hyperparameters, got {values!r:.200}")
+        return values
+    return hyperparameters_from_args(argv)
+
+
+def _as_bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise TrainingJobError(f"hyperparameter {key}: expected true or false, got {value!r}")
+
+
+def _as_int(key: str, value) -> int:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise TrainingJobError(f"hyperparameter {key}: expected a whole number, got {value!r}")
+    return int(value)
+
+
+def _as_float(key: str, value) -> float:
+    if isinstance(value, bool):
+        raise TrainingJobError(f"hyperparameter {key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TrainingJobError(f"hyperparameter {key}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise TrainingJobError(f"hyperparameter {key}: expected a finite number, got {value!r}")
+    return number
+
+
+def _as_str(key: str, value) -> str:
+    if isinstance(value, str):
+        if value.startswith('"') and _parses_as_json(value):
+            return json.loads(value)  # JSON-quoted by encode_hyperparameters (a command line keeps the quotes)
+        return value
+    # SageMaker decoded a plain-text value that looked like JSON; its JSON text is the original.
+    return json.dumps(value)
+
+
+def _as_classes(value) -> list[int]:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("[") else [int(c) for c in text.split(",") if c.strip()]
+        except ValueError:
+            value = None
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
+        raise TrainingJobError(f"hyperparameter classes: expected a list of counts such as [1, 2, 3] or 1,2,3, "
+                               f"got {value!r}")
+    if len(set(value)) != len(value):
+        raise TrainingJobError(f"hyperparameter classes: {value} repeats a count")
+    return value
+
+
+CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+
+
+def parse_hyperparameters(raw: Mapping) -> tuple[TrainConfig, int, list[int]]:
+    """(config, seed, classes) from hyperparameters as they arrive in the container."""
+    types = typing.get_type_hints(TrainConfig)
+    known = [f.name for f in fields(TrainConfig)] + list(EXTRA_HYPERPARAMETERS)
+    # sagemaker_* keys are the platform's own (the SDK adds some for its drivers).
+    values = {k: v for k, v in raw.items() if not k.startswith("sagemaker_")}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise TrainingJobError(f"unknown hyperparameter(s) {unknown}; known: {known}")
+    missing = [k for k in REQUIRED_HYPERPARAMETERS if k not in values]
+    if missing:
+        raise TrainingJobError(f"missing hyperparameter(s) {missing}: the job needs at least name and classes")
+    config = {k: CONVERTERS[types[k]](k, v) for k, v in values.items() if k not in EXTRA_HYPERPARAMETERS}
+    seed = _as_int("seed", values.get("seed", 0))
+    classes = _as_classes(values["classes"])
+    try:
+        cfg = TrainConfig(**config)
+    except ValueError as e:
+        raise TrainingJobError(f"hyperparameters: {e}") from e
+    return cfg, seed, classes
+
+
+# --- the channel -------------------------------------------------------------------
+
+def write_channel(images: Mapping[str, bytes], split_table, dest_dir) -> Path:
+    """Lay out the train and validation rows of ``split_table`` (id, label, split) and their
+    photos as the job's channel: ``split.csv`` in the table's order (so training sees the
+    photos in the same order as a local run) and ``images/<id>.jpg``. Returns ``dest_dir``."""
+    dest = Path(dest_dir)
+    (dest / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    rows = split_table[split_table["split"].isin(CHANNEL_SPLITS)]
+    ids = [str(i) for i in rows["id"]]
+    bad = [i for i in ids if not SAFE_ID.match(i)]
+    if bad:
+        raise TrainingJobError(f"bin ids {bad[:5]} cannot be file names: letters, digits, '.', '_' and '-' only")
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise TrainingJobError(f"{len(missing)} bin(s) of the split have no photo, e.g. {missing[:5]}")
+    for bin_id in ids:
+        (dest / IMAGES_DIR / f"{bin_id}.jpg").write_bytes(images[bin_id])
+    with open(dest / SPLIT_FILE, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SPLIT_COLUMNS)
+        writer.writerows(zip(ids, (int(label) for label in rows["label"]), rows["split"]))
+    return dest
+
+
+def _split_rows(path: Path) -> list[tuple[str, int, str]]:
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header != SPLIT_COLUMNS:
+            raise TrainingJobError(f"{path}: header must be {','.join(SPLIT_COLUMNS)}, got {header}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if len(row) != 3 or row[2] not in CHANNEL_SPLITS or not re.fullmatch(r"-?\d+", row[1]):
+                raise TrainingJobError(f"{path} line {line}: expected <id>,<count>,train|val, got {row}")
+            rows.append((row[0], int(row[1]), row[2]))
+    return rows
+
+
+def read_channel(channel_dir) -> tuple[dict[str, bytes], object]:
+    """The photos (id -> JPEG bytes) and split table (a DataFrame: id, label, split) of a
+    channel written by :func:`write_channel`."""
+    import pandas as pd
+
+    root = Path(channel_dir)
+    split_path = root / SPLIT_FILE
+    if not split_path.is_file():
+        raise TrainingJobError(f"{split_path} not found: the channel must hold {SPLIT_FILE} and "
+                               f"{IMAGES_DIR}/<id>.jpg (see bincount.training_job.write_channel)")
+    rows = _split_rows(split_path)
+    ids = [r[0] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise TrainingJobError(f"{split_path}: a bin id appears twice")
+    for split in CHANNEL_SPLITS:
+        if not any(r[2] == split for r in rows):
+            raise TrainingJobError(f"{split_path} has no {split} rows: training needs both train and val photos")
+    missing = [i for i in ids if not SAFE_ID.match(i) or not (root / IMAGES_DIR / f"{i}.jpg").is_file()]
+    if missing:
+        raise TrainingJobError(f"{len(missing)} photo(s) listed in {split_path} are not in "
+                               f"{root / IMAGES_DIR}, e.g. {missing[:5]}")
+    images = {i: (root / IMAGES_DIR / f"{i}.jpg").read_bytes() for i in ids}
+    table = pd.DataFrame({"id": ids, "label": [r[1] for r in rows], "split": [r[2] for r in rows]})
+    return images, table
+
+
+# --- the result ----------------------------------------------------------------------
+
+def _jsonable(value):
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def save_result(result: TrainResult, model_dir, *, job: Mapping | None = None) -> Path:
+    """Write ``result`` to ``model_dir``: the weights byte for byte (``model.pt``) and every
+    other field (``result.json``); ``job`` (optional) is kept beside them for people."""
+    root = Path(model_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / WEIGHTS_FILE).write_bytes(result.state_dict)
+    values = {f.name: getattr(result, f.name) for f in fields(TrainResult) if f.name != "state_dict"}
+    document = {"format": FORMAT_VERSION, "result": values, **({"job": dict(job)} if job else {})}
+    # Python's float repr round-trips exactly, and json writes inf (a val_loss before
+    # any epoch) as Infinity and reads it back: the loaded result equals this one.
+    (root / RESULT_FILE).write_text(json.dumps(document, default=_jsonable))
+    return root
+
+
+def load_result(model_dir) -> TrainResult:
+    """The :class:`TrainResult` that :func:`save_result` wrote to ``model_dir``."""
+    root = Path(model_dir)
+    missing = [name for name in (WEIGHTS_FILE, RESULT_FILE) if not (root / name).is_file()]
+    if missing:
+        present = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no such folder"
+        raise TrainingJobError(f"{root} has no {' or '.join(missing)}: not a bincount training job's model "
+                               f"folder (it holds: {present})")
+    document = json.loads((root / RESULT_FILE).read_text())
+    if document.get("format") != FORMAT_VERSION:
+        raise TrainingJobError(f"{root / RESULT_FILE}: format {document.get('format')!r}, this bincount reads "
+                               f"format {FORMAT_VERSION}")
+    known = {f.name for f in fields(TrainResult)} - {"state_dict"}
+    values = {k: v for k, v in document["result"].items() if k in known}
+    return TrainResult(state_dict=(root / WEIGHTS_FILE).read_bytes(), **values)
+
+
+def write_history_csv(history: list[dict], path) -> None:
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+# --- the entry point -------------------------------------------------------------------
+
+def _directory(environ: Mapping[str, str], name: str, what: str, *, create: bool = False) -> Path:
+    value = environ.get(name)
+    if not value:
+        raise TrainingJobError(f"{name} is not set: it names {what}. SageMaker sets it in a training job; "
+                               f"by hand, set it to a folder")
+    path = Path(value)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    elif not path.is_dir():
+        raise TrainingJobError(f"{name}={value} is not a folder; it should hold {what}")
+    return path
+
+
+def _write_failure(message: str, environ: Mapping[str, str]) -> None:
+    """Tell SageMaker why: the first line written to SM_OUTPUT_FAILURE becomes the job's
+    FailureReason (its driver writes only a generic 'command failed' when the file is empty)."""
+    print(f"bincount training job failed: {message}", file=sys.stderr, flush=True)
+    path = environ.get("SM_OUTPUT_FAILURE")
+    if path and not os.path.exists(path):
+        try:
+            Path(path).write_text(message[:FAILURE_REASON_MAX])
+        except OSError:
+            pass  # the message is in the log either way
+
+
+def run(argv: Sequence[str], environ: Mapping[str, str]) -> TrainResult | None:
+    """Train as the hyperparameters and environment say; rank 0 writes the model folder.
+    Returns the result (None on ranks that wrote nothing)."""
+    cfg, seed, classes = parse_hyperparameters(raw_hyperparameters(argv, environ))
+    channel = _directory(environ, CHANNEL_ENV, "the job's data channel (split.csv, images/)")
+    model_dir = _directory(environ, "SM_MODEL_DIR", "the folder for the trained model", create=True)
+    images, split_table = read_channel(channel)
+    stray = sorted(set(split_table["label"]) - set(classes))
+    if stray:
+        raise TrainingJobError(f"split.csv has counts {stray} that are not among classes {classes}")
+    print(f"bincount training job: {cfg.name}, {len(split_table)} photos "
+          f"({split_table['split'].value_counts().to_dict()}), classes {classes}, seed {seed}", flush=True)
+
+    from bincount.distributed import cleanup, world
+    from bincount.train import train_on_split
+
+    try:
+        result = train_on_split(cfg, images, split_table, classes, seed=seed)
+        if world()[0] != 0:  # under torchrun every rank has the result; one writes it
+            return None
+    finally:
+        cleanup()
+    save_result(result, model_dir, job={"classes": classes, "seed": seed,
+                                        "training_job_name": environ.get("TRAINING_JOB_NAME")})
+    if environ.get("SM_OUTPUT_DATA_DIR"):
+        output = Path(environ["SM_OUTPUT_DATA_DIR"])
+        output.mkdir(parents=True, exist_ok=True)
+        write_history_csv(result.history, output / HISTORY_FILE)
+    print(f"bincount training job: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.3f}, "
+          f"wrote {model_dir}", flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    try:
+        run(sys.argv[1:] if argv is None else argv, environ)
+    except TrainingJobError as e:
+        _write_failure(str(e), environ)
+        return 2
+    except Exception as e:
+        _write_failure(f"{type(e).__name__}: {e}", environ)
+        raise  # the traceback goes to the job's log
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
