@@ -9,7 +9,11 @@ used without Metaflow:
     split      stratified train/validation/test split
     images     how photos become tensors
     models     which network
-    train      how it trains
+    train      how it trains (one process, or data-parallel under torchrun)
+    distributed  torch.distributed set-up and sharding for data-parallel training
+    compute    where the train step runs: local, @batch, @kubernetes or SageMaker
+    training_job  bincount's training entry point as SageMaker runs a script
+    sagemaker_training  one SageMaker training job per grid point
     metrics    how it is scored
     inference  the one inference handler (SageMaker PyTorch serving contract)
     package    model.tar.gz as SageMaker expects it
@@ -22,5 +26,10 @@ used without Metaflow:
 """
 
 __version__ = "0.1.0"
+
+# Metaflow's code package then carries this whole library with the flow, so a
+# step on AWS Batch or Kubernetes imports the same bincount as the launching
+# machine (its image needs only the third-party packages).
+METAFLOW_PACKAGE_POLICY = "include"
 
 FLOW_NAME = "BinCountFlow"

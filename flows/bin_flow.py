@@ -11,6 +11,7 @@ re-imports this file.
     python flows/bin_flow.py run --source ../shared/abid-sample
     python flows/bin_flow.py run --source synthetic --config grid flows/grids/tiny.json
     python flows/bin_flow.py resume
+    python flows/bin_flow.py --config compute flows/compute/batch.example.json run   # train on AWS Batch
 """
 
 import os
@@ -18,12 +19,14 @@ import os
 from metaflow import Config, FlowSpec, Parameter, card, current, step
 
 from bincount import cards
+from bincount.compute import compute_from_config
 
 DEFAULT_GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids", "default.json")
 DEPLOY_TARGETS = ("local", "sagemaker", "none")
 SMOKE_TEST_IMAGES = 16
 
 
+@compute_from_config("compute")
 class BinCountFlow(FlowSpec):
     source = Parameter(
         "source", default="s3://aft-vbi-pds",
@@ -52,10 +55,14 @@ class BinCountFlow(FlowSpec):
                   help="Hyperparameter grid (JSON): {\"defaults\": {...}, \"points\": [{...}, ...]}.")
     deploy_config = Config("deploy", default_value={},
                            help="SageMaker deploy settings (JSON): see flows/deploy/sagemaker.example.json.")
+    compute = Config("compute", default_value={"compute": "local"},
+                     help="Where the train step runs (JSON): {\"compute\": \"local\"} (default), or batch, "
+                          "kubernetes or sagemaker with their settings: see flows/compute/*.example.json.")
 
     @step
     def start(self):
         """Validate every option before any download or training starts."""
+        from bincount.compute import ComputeConfig
         from bincount.fetch import parse_classes
         from bincount.grid import expand_grid
 
@@ -65,6 +72,7 @@ class BinCountFlow(FlowSpec):
             from bincount.sagemaker_endpoint import SageMakerTarget
 
             SageMakerTarget.from_config(self.deploy_config.to_dict())
+        print(f"train step compute: {ComputeConfig.from_dict(self.compute.to_dict()).describe()}")
         self.class_list = parse_classes(self.classes)
         self.grid_points = [c.as_dict() for c in expand_grid(self.grid.to_dict())]
         self.next(self.fetch_subset)
@@ -112,11 +120,12 @@ class BinCountFlow(FlowSpec):
         """Train one grid point; keep its curves, scores and best weights."""
         from dataclasses import asdict
 
+        from bincount.compute import train_branch
         from bincount.grid import TrainConfig
-        from bincount.train import train_on_split
 
-        result = train_on_split(TrainConfig(**self.input), self.images, self.split_table, self.class_list,
-                                seed=self.seed)
+        result = train_branch(self.compute.to_dict(), TrainConfig(**self.input), self.images, self.split_table,
+                              self.class_list, seed=self.seed,
+                              job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}")
         self.history = result.history
         self.scores = {k: v for k, v in asdict(result).items() if k not in {"state_dict", "history"}}
         self.state_dict = result.state_dict

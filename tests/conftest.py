@@ -74,7 +74,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90) -> None:
     """Return once a server started as ``process`` accepts connections on ``port``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -176,24 +176,25 @@ def _finished(running) -> FlowResult:
     return FlowResult(running.status, running.run, running.stdout + running.stderr)
 
 
-def _runner(env: dict | None, grid: Path | None, deploy_config: Path | None = None):
+def _runner(env: dict | None, grid: Path | None, deploy_config: Path | None = None, top: dict | None = None):
+    """``top``: options before the command, as ``python bin_flow.py --datastore s3 run``."""
     from metaflow import Runner
 
     configs = [(name, str(path)) for name, path in (("grid", grid), ("deploy", deploy_config)) if path]
     return Runner(str(FLOW), show_output=False, cwd=str(DATASTORE), env=env or {},
-                  **({"config": configs} if configs else {}))
+                  **({"config": configs} if configs else {}), **(top or {}))
 
 
 def run_flow(*, env: dict | None = None, grid: Path = TINY_GRID, deploy_config: Path | None = None,
-             **params) -> FlowResult:
+             top: dict | None = None, **params) -> FlowResult:
     """Run BinCountFlow through metaflow.Runner and wait for it to finish."""
-    with _runner(env, grid, deploy_config).run(**params) as running:
+    with _runner(env, grid, deploy_config, top).run(**params) as running:
         return _finished(running)
 
 
-def resume_flow(origin_run_id: str, *, env: dict | None = None) -> FlowResult:
+def resume_flow(origin_run_id: str, *, env: dict | None = None, top: dict | None = None) -> FlowResult:
     """Resume a run; configs cannot change on resume, so the origin's grid is used."""
-    with _runner(env, None).resume(origin_run_id=origin_run_id) as running:
+    with _runner(env, None, top=top).resume(origin_run_id=origin_run_id) as running:
         return _finished(running)
 
 

@@ -1,0 +1,144 @@
+"""Where the train step runs: a Metaflow Config that decorates steps, not code edits.
+
+    {"compute": "batch", "gpu": 1, "memory": 60000, "image": "<ecr>/bincount:latest",
+     "batch": {"queue": "gpu-queue"}}
+
+``compute`` is one of ``local`` (the default: nothing added), ``batch`` or
+``kubernetes`` (Metaflow's ``@batch`` / ``@kubernetes`` on the steps named in
+``steps``, by default only ``train``), or ``sagemaker`` (the train step itself
+stays where the flow runs and launches one SageMaker training job per grid point;
+see bincount.sagemaker_training). The engine's own block (``batch``,
+``kubernetes`` or ``sagemaker``) passes through to its decorator or job settings
+unchanged, so a misspelt argument fails when the flow is parsed (`show`, `run`),
+not in the cloud.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from metaflow import FlowMutator
+
+ENGINES = ("local", "batch", "kubernetes", "sagemaker")
+DECORATED = ("batch", "kubernetes")  # engines that are a Metaflow step decorator
+COMMON_KEYS = ("compute", "steps", "cpu", "gpu", "memory", "image")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    compute: str = "local"
+    steps: tuple[str, ...] = ("train",)
+    cpu: int | None = None
+    gpu: int | None = None
+    memory: int | None = None  # MB
+    image: str | None = None
+    engine_settings: dict = field(default_factory=dict)  # the block named after the engine
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ComputeConfig":
+        d = dict(d or {})
+        engine = d.get("compute", "local")
+        if engine not in ENGINES:
+            raise ValueError(f"compute config: 'compute' is {engine!r}; choose one of {ENGINES}")
+        unknown = set(d) - set(COMMON_KEYS) - set(ENGINES[1:])
+        if unknown:
+            raise ValueError(f"compute config: unknown keys {sorted(unknown)}; "
+                             f"expected {list(COMMON_KEYS)} and a block named after the engine")
+        stray = [e for e in ENGINES[1:] if e in d and e != engine]
+        if stray:
+            raise ValueError(f"compute config: block {stray} given but 'compute' is {engine!r}")
+        steps = d.get("steps", ["train"])
+        if isinstance(steps, str) or not all(isinstance(s, str) for s in steps):
+            raise ValueError("compute config: 'steps' must be a list of step names")
+        if engine == "sagemaker" and list(steps) != ["train"]:
+            raise ValueError("compute config: sagemaker runs training jobs, so 'steps' must be [\"train\"]")
+        if engine == "sagemaker" and any(d.get(k) is not None for k in ("cpu", "gpu", "memory")):
+            raise ValueError("compute config: a SageMaker job's cores, GPUs and memory come from its "
+                             "instance type: set sagemaker.instance_type (e.g. ml.g5.xlarge) instead")
+        for key in ("cpu", "gpu", "memory"):
+            if d.get(key) is not None and (not isinstance(d[key], int) or d[key] < 0):
+                raise ValueError(f"compute config: {key!r} must be a whole number, got {d[key]!r}")
+        return cls(compute=engine, steps=tuple(steps), cpu=d.get("cpu"), gpu=d.get("gpu"),
+                   memory=d.get("memory"), image=d.get("image"), engine_settings=dict(d.get(engine) or {}))
+
+    def decorator_kwargs(self) -> dict:
+        """Arguments of ``@batch`` / ``@kubernetes``: the common resources, then the engine's block."""
+        common = {"cpu": self.cpu, "gpu": self.gpu, "memory": self.memory, "image": self.image}
+        return {**{k: v for k, v in common.items() if v is not None}, **self.engine_settings}
+
+    def sagemaker_settings(self):
+        """The training jobs' settings, checked (a missing role or bucket fails here, before any training)."""
+        from bincount.sagemaker_training import settings_from_config
+
+        image = {"image_uri": self.image} if self.image else {}
+        return settings_from_config({**image, **self.engine_settings})
+
+    def describe(self) -> str:
+        if self.compute == "local":
+            return "local"
+        if self.compute == "sagemaker":
+            settings = self.sagemaker_settings()
+            return (f"a SageMaker training job per grid point on {settings.instance_count} x "
+                    f"{settings.instance_type}{' (spot)' if settings.use_spot else ''}")
+        where = ", ".join(f"{k}={v}" for k, v in self.decorator_kwargs().items())
+        return f"{self.compute} ({where}) for steps {list(self.steps)}"
+
+
+class compute_from_config(FlowMutator):
+    """Decorate the steps named in a compute Config with ``@batch`` or ``@kubernetes``.
+
+    Applied to the flow class as ``@compute_from_config("compute")``, naming the
+    Config. It runs when Metaflow reads the configs, before any step runs, so a
+    local run with the default config gets no decorator at all (``@batch`` in code
+    would make every local run demand an S3 datastore).
+    """
+
+    def init(self, config_name: str = "compute"):
+        self.config_name = config_name
+
+    def pre_mutate(self, mutable_flow) -> None:
+        from metaflow.exception import MetaflowException
+
+        try:
+            cfg = ComputeConfig.from_dict(getattr(mutable_flow, self.config_name).to_dict())
+        except ValueError as e:  # Metaflow prints its own exceptions as a message, not a traceback
+            raise MetaflowException(str(e)) from e
+        steps = dict(mutable_flow.steps)
+        missing = [s for s in cfg.steps if s not in steps]
+        if missing:
+            raise MetaflowException(f"compute config: no step named {missing}; the flow has {sorted(steps)}")
+        if cfg.compute not in DECORATED:
+            return
+        check_decorator_arguments(cfg.compute, cfg.decorator_kwargs())
+        for name in cfg.steps:
+            # OVERRIDE: the config wins over a decorator of the same engine already on the step.
+            steps[name].add_decorator(cfg.compute, deco_kwargs=cfg.decorator_kwargs(),
+                                      duplicates=steps[name].OVERRIDE)
+
+
+def check_decorator_arguments(engine: str, kwargs: dict) -> None:
+    """Raise Metaflow's own error for an argument ``@batch``/``@kubernetes`` does not have.
+
+    ``MutableStep.add_decorator`` copies keyword arguments in without the check a
+    decorator in code gets, so without this a typo would surface only when the
+    task starts in the cloud (or never).
+    """
+    from metaflow.plugins import STEP_DECORATORS
+
+    decorator = next(d for d in STEP_DECORATORS if d.name == engine)
+    decorator(attributes=kwargs)
+
+
+def train_branch(compute, cfg, images: dict[str, bytes], split_table, classes: list[int], *, seed: int,
+                 job_prefix: str):
+    """Train one grid point where the compute config says: in this process (local, and on
+    Batch or Kubernetes, where this process already is the remote task) or as a SageMaker job."""
+    compute = compute if isinstance(compute, ComputeConfig) else ComputeConfig.from_dict(compute)
+    if compute.compute == "sagemaker":
+        from bincount.sagemaker_training import train_on_sagemaker
+
+        return train_on_sagemaker(cfg, images, split_table, classes, seed=seed,
+                                  settings=compute.sagemaker_settings(), job_prefix=job_prefix)
+    from bincount.train import train_on_split
+
+    return train_on_split(cfg, images, split_table, classes, seed=seed)
