@@ -52,13 +52,18 @@ def _assignment(text: str) -> tuple[str, object]:
         return key, value
 
 
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """--data: the abid-sample folder, for every benchmark that trains on it."""
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BINCOUNT_ABID_SAMPLE", DEFAULT_DATA)),
+                        help="abid-sample folder (bin-images/, metadata/)")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Stratified k-fold accuracy, RMSE and per-class recall on the 1-5 photos of abid-sample: "
                     "the grid's served model (as the flow's join chooses it) vs a frozen-backbone baseline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BINCOUNT_ABID_SAMPLE", DEFAULT_DATA)),
-                        help="abid-sample folder (bin-images/, metadata/)")
+    add_data_argument(parser)
     parser.add_argument("--grid", type=Path, default=DEFAULT_GRID, help="the recipe: a grid JSON file")
     parser.add_argument("--folds", type=int, default=3, help="k of the stratified k-fold")
     parser.add_argument("--folds-to-run", default="", help="comma-separated fold numbers (default: all)")

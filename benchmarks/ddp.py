@@ -39,8 +39,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/accuracy.py reads the photos
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "abid-sample"
-DEFAULT_GRID = REPO_ROOT / "flows" / "grids" / "default.json"
+from accuracy import DEFAULT_GRID, add_data_argument  # noqa: E402 - found through the path above
 
 
 def parse_args(argv=None):
@@ -51,8 +50,7 @@ def parse_args(argv=None):
                     "time in train_model and validation accuracy of each. The 2 processes get half the cores each "
                     "(OMP_NUM_THREADS); the 1 process gets torch's default (every core).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BINCOUNT_ABID_SAMPLE", DEFAULT_DATA)),
-                        help="abid-sample folder (bin-images/, metadata/)")
+    add_data_argument(parser)
     parser.add_argument("--grid", type=Path, default=DEFAULT_GRID, help="grid whose first point is the recipe")
     parser.add_argument("--limit", type=int, default=384, help="use the first N photos in id order (0: all)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (replaces the recipe's)")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -35,8 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/accuracy.py reads the photos
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "abid-sample"
-DEFAULT_GRID = REPO_ROOT / "flows" / "grids" / "default.json"
+from accuracy import DEFAULT_GRID, add_data_argument  # noqa: E402 - found through the path above
 
 
 def parse_args(argv=None):
@@ -44,8 +42,7 @@ def parse_args(argv=None):
         description="Training images/s of bincount's loop as a ratio to a plain loop (PIL decode and resize "
                     "every epoch, fp32, NCHW), same model, data and epochs, measured in the same run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BINCOUNT_ABID_SAMPLE", DEFAULT_DATA)),
-                        help="abid-sample folder (bin-images/, metadata/)")
+    add_data_argument(parser)
     parser.add_argument("--grid", type=Path, default=DEFAULT_GRID, help="grid whose first point is the recipe")
     parser.add_argument("--images", type=int, default=192, help="photos per epoch")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
