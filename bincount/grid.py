@@ -39,6 +39,9 @@ class TrainConfig:
     count_loss_weight: float = 0.0
     # Weight the cross-entropy by inverse class frequency.
     class_balanced: bool = False
+    # Also train on transposed photos (with the flips: all eight symmetries of the
+    # square). A bin photographed from above holds as many items either way round.
+    transpose: bool = False
     # The pretrained body learns at lr times this; the new head at lr.
     backbone_lr_factor: float = 1.0
 

@@ -50,10 +50,12 @@ def thumbnail(raw: bytes, px: int) -> bytes:
     return out.getvalue()
 
 
-def augment_batch(images, generator=None, *, jitter: float = 0.2):
+def augment_batch(images, generator=None, *, jitter: float = 0.2, transpose: bool = False):
     """Augmentations that keep the count, on a whole uint8 batch at once: per photo, a
-    random horizontal and vertical flip and brightness, contrast and saturation each
-    scaled by a random factor in [1 - jitter, 1 + jitter]. Returns floats in [0, 1].
+    random horizontal and vertical flip (and with ``transpose``, a random swap of rows and
+    columns: with the flips, any of the square's eight symmetries), and brightness,
+    contrast and saturation each scaled by a random factor in [1 - jitter, 1 + jitter].
+    Returns floats in [0, 1].
 
     Vectorised by hand because torchvision's ColorJitter draws one factor per call:
     per-photo factors would mean a Python loop of small tensor ops, which took
@@ -75,6 +77,8 @@ def augment_batch(images, generator=None, *, jitter: float = 0.2):
 
     x = torch.where(coin()[:, None, None, None], x.flip(3), x)
     x = torch.where(coin()[:, None, None, None], x.flip(2), x)
+    if transpose:  # photos are resized to squares, so a transposed one has the same shape
+        x = torch.where(coin()[:, None, None, None], x.transpose(2, 3), x)
     x = (x * factor()).clamp_(0, 1)  # brightness
     c = factor()
     x = (c * x + (1 - c) * gray(x).mean((2, 3), keepdim=True)).clamp_(0, 1)  # contrast

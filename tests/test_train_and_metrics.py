@@ -173,3 +173,17 @@ def test_augmentation_only_flips_and_recolours_and_is_seeded():
         assert any(torch.allclose(out, v) for v in (image, image.flip(2), image.flip(1), image.flip(1, 2)))
     a, b = (augment_batch(x, torch.Generator().manual_seed(1)) for _ in range(2))
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1 and not torch.allclose(a, flips_only)
+
+
+def test_transpose_augmentation_draws_all_eight_symmetries_of_a_square_photo():
+    import torch
+
+    from bincount.images import augment_batch
+
+    image = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(1, 3, 8, 8)
+    x = image.repeat(64, 1, 1, 1)
+    out = augment_batch(x, torch.Generator().manual_seed(0), jitter=0.0, transpose=True)
+    f = image[0].float() / 255
+    symmetries = [v for t in (f, f.transpose(1, 2)) for v in (t, t.flip(2), t.flip(1), t.flip(1, 2))]
+    seen = {next(k for k, v in enumerate(symmetries) if torch.equal(o, v)) for o in out}  # each is one of them
+    assert seen == set(range(8))
