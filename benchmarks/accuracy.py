@@ -18,6 +18,9 @@ per-class recall, training seconds and images/s, and writes them as JSON with
 ``--out``. ``--set key=value`` changes every grid point (an ablation: e.g.
 ``--set count_loss_weight=0``); ``--select key=value`` changes the join's
 choice (``--select ensemble=1``); ``--folds-to-run 0`` runs one fold only.
+``--train-fraction 0.25`` trains the recipe and the baseline on a stratified
+quarter of each fold's training photos, the validation and test photos
+unchanged: points of a learning curve, which say how much more data would buy.
 
 Run: ``python benchmarks/accuracy.py`` (see ``--help``); about an hour on a
 2-core CPU with the default grid. Photos come from ``--data`` /
@@ -73,10 +76,16 @@ def parse_args(argv=None):
                         metavar="KEY=VALUE", help="override a training setting in every grid point")
     parser.add_argument("--select", dest="select", type=_assignment, action="append", default=[],
                         metavar="KEY=VALUE", help="override the grid's select (ensemble, tta, decision)")
+    parser.add_argument("--train-fraction", type=float, default=1.0,
+                        help="train on this stratified fraction of each fold's training photos (a learning curve); "
+                             "validation and test photos stay whole")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen-backbone baseline")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (a smoke test)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 < args.train_fraction <= 1:
+        parser.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    return args
 
 
 def load_dataset(data: Path) -> tuple[list[str], list[bytes], list[int]]:
@@ -125,6 +134,7 @@ def run_recipe(configs, select, x, y, train_idx, val_idx, test_idx, seed: int) -
     out = scores(truth, [p["count"] for p in predictions])
     out["variants"] = serving_variants(predictor, x[test_idx], truth)
     out.update(served=[m["grid_point"] for m in choice.meta["members"]], tta=choice.meta["tta"],
+               train_photos=len(train_idx),
                val_accuracy=choice.val_accuracy, train_seconds=train_seconds,
                train_images_per_second=images / train_seconds,
                points={r.config["name"]: {"val_accuracy": r.val_accuracy, "best_epoch": r.best_epoch}
@@ -250,9 +260,13 @@ def main(argv=None) -> int:
         rest, test_idx = folds[k]
         train_idx, val_idx = train_test_split(rest, test_size=args.val_fraction, random_state=args.seed,
                                               stratify=y[rest].numpy())
+        if args.train_fraction < 1:
+            train_idx, _ = train_test_split(train_idx, train_size=args.train_fraction, random_state=args.seed,
+                                            stratify=y[train_idx].numpy())
+            rest = np.concatenate([train_idx, val_idx])  # the baseline has no use for a validation split
         fold = run_recipe(configs, select, x, y, train_idx, val_idx, test_idx, args.seed)
         results["recipe"].append(fold)
-        line = f"fold {k}: recipe accuracy {fold['accuracy']:.3f} RMSE {fold['rmse']:.3f} " \
+        line = f"fold {k} ({len(train_idx)} training photos): recipe accuracy {fold['accuracy']:.3f} RMSE {fold['rmse']:.3f} " \
                f"(served {'+'.join(fold['served'])}{' +TTA' if fold['tta'] else ''}, val {fold['val_accuracy']:.3f}, " \
                f"{fold['train_seconds'] / 60:.1f} min)"
         if features is not None:
