@@ -266,7 +266,8 @@ def main(argv=None) -> int:
             rest = np.concatenate([train_idx, val_idx])  # the baseline has no use for a validation split
         fold = run_recipe(configs, select, x, y, train_idx, val_idx, test_idx, args.seed)
         results["recipe"].append(fold)
-        line = f"fold {k} ({len(train_idx)} training photos): recipe accuracy {fold['accuracy']:.3f} RMSE {fold['rmse']:.3f} " \
+        line = f"fold {k} ({len(train_idx)} training photos): " \
+               f"recipe accuracy {fold['accuracy']:.3f} RMSE {fold['rmse']:.3f} " \
                f"(served {'+'.join(fold['served'])}{' +TTA' if fold['tta'] else ''}, val {fold['val_accuracy']:.3f}, " \
                f"{fold['train_seconds'] / 60:.1f} min)"
         if features is not None:

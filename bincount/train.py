@@ -187,7 +187,8 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean
                        disable=not progress, desc=f"{cfg.name} epoch {epoch}", unit=" batch", leave=False)
     for idx in bar:
         t0 = time.perf_counter()
-        inputs = norm(augment_batch(x[idx], generator, transpose=cfg.transpose)).to(device).contiguous(memory_format=torch.channels_last)
+        inputs = norm(augment_batch(x[idx], generator, transpose=cfg.transpose))
+        inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
         targets = y[idx].to(device)
         t1 = time.perf_counter()
         with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
