@@ -6,10 +6,10 @@ The other folds are split 85/15 into train and validation, like the flow does.
 On every fold, measured in the same run:
 
 * **recipe**: every point of the grid (default: ``flows/grids/default.json``)
-  is trained with ``bincount.train.train_model``, the join's
-  ``bincount.selection.choose_model`` picks the served model (one point or an
+  is trained with ``bincount.model.train.train_model``, the join's
+  ``bincount.model.selection.choose_model`` picks the served model (one point or an
   ensemble, with or without flip TTA) from validation accuracy, and the test
-  fold is scored through ``bincount.inference`` exactly as the endpoint would.
+  fold is scored through ``bincount.model.predictor``, the endpoint's own forward pass.
 * **baseline**: frozen ImageNet EfficientNet-Lite0 features (224 px, global
   average pool) and a logistic regression, as measured in ENVIRONMENT.md.
 
@@ -109,7 +109,7 @@ def load_dataset(data: Path) -> tuple[list[str], list[bytes], list[int]]:
 
 
 def scores(y_true: list[int], y_pred: list[int]) -> dict:
-    from bincount.metrics import count_metrics
+    from bincount.model.metrics import count_metrics
 
     m = count_metrics(y_true, y_pred, CLASSES)
     return {"accuracy": m["accuracy"], "rmse": m["rmse"], "mae": m["mae"],
@@ -118,9 +118,9 @@ def scores(y_true: list[int], y_pred: list[int]) -> dict:
 
 def run_recipe(configs, select, x, y, train_idx, val_idx, test_idx, seed: int) -> dict:
     """Train every grid point, choose as the join does, score the test fold through the handler."""
-    from bincount.inference import load_predictor
-    from bincount.selection import choose_model
-    from bincount.train import train_model
+    from bincount.model.predictor import load_predictor
+    from bincount.model.selection import choose_model
+    from bincount.model.train import train_model
 
     started = time.perf_counter()
     results = [train_model(cfg, x[train_idx], y[train_idx], x[val_idx], y[val_idx], num_classes=len(CLASSES),
@@ -128,12 +128,12 @@ def run_recipe(configs, select, x, y, train_idx, val_idx, test_idx, seed: int) -
     train_seconds = time.perf_counter() - started
     images = sum(cfg.epochs for cfg in configs) * len(train_idx)
     choice = choose_model(results, select, y[val_idx].tolist(), CLASSES)
-    predictor = load_predictor(choice.state, {**choice.meta, "classes": CLASSES})
+    predictor = load_predictor(choice.state, choice.meta)
     predictions = predictor.predict_tensors(x[test_idx])
     truth = [CLASSES[i] for i in y[test_idx].tolist()]
     out = scores(truth, [p["count"] for p in predictions])
     out["variants"] = serving_variants(predictor, x[test_idx], truth)
-    out.update(served=[m["grid_point"] for m in choice.meta["members"]], tta=choice.meta["tta"],
+    out.update(served=[m.grid_point for m in choice.meta.members], tta=choice.meta.tta,
                train_photos=len(train_idx),
                val_accuracy=choice.val_accuracy, train_seconds=train_seconds,
                train_images_per_second=images / train_seconds,
@@ -150,17 +150,11 @@ def serving_variants(predictor, x, truth: list[int]) -> dict:
 
     import torch
 
-    from bincount.inference import decide, flip_views
+    from bincount.model.predictor import decide
 
-    per_member = []  # [member][view] -> (N, classes) softmax
-    with torch.inference_mode():
-        for model, normalize in zip(predictor.models, predictor._normalizers):
-            views = [[] for _ in range(4)]
-            for start in range(0, len(x), 64):
-                batch = normalize(x[start:start + 64]).contiguous(memory_format=torch.channels_last)
-                for k, view in enumerate(flip_views(batch)):
-                    views[k].append(torch.softmax(model(view).float(), 1))
-            per_member.append([torch.cat(v) for v in views])
+    chunks = [predictor.view_probabilities(x[start:start + 64], views=4) for start in range(0, len(x), 64)]
+    per_member = [[torch.cat([chunk[m][v] for chunk in chunks]) for v in range(4)]  # [member][view] -> softmax
+                  for m in range(len(predictor.models))]
     out = {}
     for members, tta, decision in itertools.product(("best", "ensemble"), (False, True), ("argmax", "expected")):
         chosen = per_member[:1] if members == "best" else per_member
@@ -174,8 +168,8 @@ def frozen_features(x):
     """Globally pooled ImageNet EfficientNet-Lite0 features of uint8 photos."""
     import torch
 
-    from bincount.images import normalizer
-    from bincount.models import create_model, get_arch
+    from bincount.data.images import normalizer
+    from bincount.model.architectures import create_model, get_arch
 
     arch = get_arch("efficientnet_lite0")
     model = create_model("efficientnet_lite0", num_classes=len(CLASSES), pretrained=True,
@@ -232,8 +226,8 @@ def main(argv=None) -> int:
     import torch
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    from bincount.grid import expand_grid, select_config
-    from bincount.images import decode_all
+    from bincount.model.grid import expand_grid, select_config
+    from bincount.data.images import decode_all
 
     grid = json.loads(args.grid.read_text())
     configs = [replace(cfg, **dict(args.overrides)) for cfg in expand_grid(grid)]

@@ -11,7 +11,7 @@ comes from the validation split, as ``bincount audit`` does). For each seed:
    ``EXPECTED_QUANTITY`` shifted by -2, -1, +1 or +2, staying within the model's
    classes;
 3. the folder is audited with the same code as ``bincount audit``
-   (``open_source`` -> ``fetch_subset`` -> ``bincount.inference`` -> the flag
+   (``open_source`` -> ``fetch_subset`` -> ``bincount.model.predictor`` -> the flag
    rule at the chosen threshold);
 4. flagged bins are compared with the altered ones: precision = altered among
    flagged, recall = flagged among altered.
@@ -48,7 +48,7 @@ def default_data() -> Path:
 
 def write_folder(root: Path, ids, labels, images, classes, *, fraction: float, seed: int, data: Path | None):
     """The bins in the bucket layout, ``fraction`` of records altered; returns {id: (true, recorded)}."""
-    from bincount.sources import image_key, metadata_key
+    from bincount.data.layout import image_key, metadata_key
 
     rng = random.Random(seed)
     altered = set(rng.sample(list(ids), round(fraction * len(ids))))
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from bincount import audit
-    from bincount.runs import predictor_of
-    from bincount.sources import LocalSource
+    from bincount.flow.runs import predictor_of
+    from bincount.data.sources import LocalSource
 
     started = time.monotonic()
     run = audit.choose_model_run(args.run)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     data = args.data if (args.data / "metadata").is_dir() else None
     test_predictions = run.data.test_predictions
 
-    print(f"run {run.pathspec}: {predictor.meta['arch']} {predictor.meta['image_size']} px, classes {classes}, "
+    print(f"run {run.pathspec}: {predictor.meta.arch} {predictor.meta.image_size} px, classes {classes}, "
           f"device {predictor.device}")
     print(f"threshold {threshold.value:.4f} from {threshold.n_bins} validation bins ({threshold.n_records} "
           f"records, half altered): precision {fmt(threshold.precision)}, recall {fmt(threshold.recall)}, "

@@ -3,7 +3,7 @@
 The default grid's first point (``flows/grids/default.json``) trains on the first
 ``--limit`` real photos of abid-sample with counts 1-5 (stratified, seeded
 train/validation split) for ``--epochs`` epochs, through
-``bincount.train.train_on_split``, as a grid point trains in the flow:
+``bincount.model.train.train_on_split``, as a grid point trains in the flow:
 
 * **1 process**: ``python benchmarks/ddp.py --worker ...``, with torch's default
   threads (every core).
@@ -70,11 +70,11 @@ def write_job(folder: Path, args) -> dict:
     from sklearn.model_selection import train_test_split
 
     from accuracy import CLASSES, load_dataset
-    from bincount.grid import expand_grid
+    from bincount.model.grid import expand_grid
 
     recipe = replace(expand_grid(json.loads(args.grid.read_text()))[0], epochs=args.epochs)
     ids, raws, counts = (column[:args.limit or None] for column in load_dataset(args.data))
-    # Stratify when every class can have a photo on both sides, as bincount.split does.
+    # Stratify when every class can have a photo on both sides, as bincount.data.split does.
     stratify = counts if min(counts.count(c) for c in set(counts)) >= 2 else None
     _, val_ids = train_test_split(ids, test_size=args.val_fraction, random_state=args.seed, stratify=stratify)
     val_ids = set(val_ids)
@@ -89,9 +89,9 @@ def worker(folder: Path) -> int:
     """One training process (of 1, or of 2 under torchrun); rank 0 writes the result."""
     import torch
 
-    from bincount import distributed
-    from bincount.grid import TrainConfig
-    from bincount.train import train_on_split
+    from bincount.model import distributed
+    from bincount.model.grid import TrainConfig
+    from bincount.model.train import train_on_split
 
     job = pickle.loads((folder / "job.pkl").read_bytes())
     result = train_on_split(TrainConfig(**job["config"]), job["images"], job["table"], job["classes"],

@@ -8,7 +8,7 @@ would cost. Measured in the same run:
 
 * a sequential boto3 loop, as reference projects download the dataset:
   for each id, get the metadata json, then get the image, one after the other;
-* ``bincount.fetch.fetch_subset`` with its thread pool.
+* ``bincount.data.fetch.fetch_subset`` with its thread pool.
 
 Both read the label from the metadata and fully decode each image with PIL, so
 the work per image is the same; only the way requests are issued differs.
@@ -71,7 +71,7 @@ DUMMY_AWS_ENV = {
 # --------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from bincount.fetch import DEFAULT_WORKERS
+    from bincount.data.fetch import DEFAULT_WORKERS
 
     parser = argparse.ArgumentParser(
         description="Images/s of bincount's fetch_subset vs a sequential boto3 loop (metadata, then image, "
@@ -307,7 +307,7 @@ def sequential_boto3(client, ids: list[str]) -> int:
 
 
 def bincount_fetch(source, ids: list[str], workers: int) -> int:
-    from bincount.fetch import fetch_subset
+    from bincount.data.fetch import fetch_subset
 
     subset = fetch_subset(source, classes=CLASSES, per_class=None, candidate_ids=ids, workers=workers,
                           progress=False)
@@ -428,7 +428,7 @@ def print_report(baseline: Result, ours: Result, ceiling: Result | None, args, i
 
 
 def run_benchmark(args) -> None:
-    from bincount.sources import S3Source
+    from bincount.data.sources import S3Source
 
     ids = pick_ids(args.data, args.n)
     warmup_ids = ids[:min(len(ids), args.workers)]

@@ -2,8 +2,8 @@
 
 A model package is built (default: an untrained EfficientNet-Lite0 at 224 px;
 the weights do not change the cost of a forward pass) and served by
-``bincount.deploy.start_local_endpoint``, which runs ``python -m
-bincount.serve`` in a subprocess, exactly as the flow's deploy step does.
+``bincount.serving.endpoint.start_local_endpoint``, which runs ``python -m
+bincount.serving.server`` in a subprocess, exactly as the flow's deploy step does.
 Client threads (one kept-alive ``requests.Session`` each) then POST single
 JPEGs to ``/invocations`` for ``--seconds`` at each concurrency level, every
 client sending its next request as soon as its last is answered.
@@ -24,13 +24,13 @@ Before timing, every image is sent once to each server and its answer checked
 against the in-process one, so a fast but wrong server cannot pass.
 
 start_local_endpoint takes no server flags; the servers' batching settings go
-through the environment variables bincount.serve reads its defaults from.
+through the environment variables bincount.serving.server reads its defaults from.
 The clients, the servers and the in-process model share this machine's CPUs;
 the report says how much other processes used.
 
 Run: ``python benchmarks/serve.py`` (see ``--help``). Images are real bin
 photos from ``--data`` / ``BINCOUNT_ABID_SAMPLE`` / ``../shared/abid-sample``
-when present, else generated ones (bincount.synthetic).
+when present, else generated ones (bincount.data.synthetic).
 """
 
 from __future__ import annotations
@@ -57,14 +57,14 @@ CEILING_BATCH = 32
 # --------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from bincount.serve import DEFAULT_MAX_BATCH_DELAY_MS, DEFAULT_MAX_BATCH_SIZE, batch_size_arg
+    from bincount.serving.server import DEFAULT_MAX_BATCH_DELAY_MS, DEFAULT_MAX_BATCH_SIZE, batch_size_arg
 
     parser = argparse.ArgumentParser(
-        description="Images/s and p50/p99 latency of the local endpoint (python -m bincount.serve) at several "
+        description="Images/s and p50/p99 latency of the local endpoint (python -m bincount.serving.server) at several "
                     "client concurrencies, with and without micro-batching, as a ratio to the model's own "
                     "batched throughput in-process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--arch", default="efficientnet_lite0", help="architecture (bincount.models.ARCHS)")
+    parser.add_argument("--arch", default="efficientnet_lite0", help="architecture (bincount.model.architectures.ARCHS)")
     parser.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BINCOUNT_ABID_SAMPLE", DEFAULT_DATA)),
                         help="abid-sample folder with bin-images/*.jpg; generated images if it is missing")
@@ -94,15 +94,15 @@ def load_images(data: Path, n: int) -> tuple[list[bytes], str]:
     if paths:
         raws = [p.read_bytes() for p in paths]
         return raws, f"{len(raws)} real bin photos from {data}"
-    from bincount.synthetic import synthetic_bin
+    from bincount.data.synthetic import synthetic_bin
 
     raws = [synthetic_bin(CLASSES[i % len(CLASSES)], seed=i) for i in range(n)]
     return raws, f"{n} generated bin images (no sample at {data})"
 
 
 def build_model(arch: str, image_size: int) -> tuple[bytes, dict]:
-    from bincount.models import create_model
-    from bincount.train import state_dict_bytes
+    from bincount.model.architectures import create_model
+    from bincount.model.train import state_dict_bytes
 
     meta = {"arch": arch, "image_size": image_size, "classes": CLASSES, "run_id": "bench"}
     return state_dict_bytes(create_model(arch, num_classes=len(CLASSES), image_size=image_size)), meta
@@ -209,7 +209,7 @@ def drive(url: str, raws: list[bytes], clients: int, seconds: float) -> tuple[in
 @contextlib.contextmanager
 def server_env(**settings):
     """Environment for the server subprocess: start_local_endpoint takes no server flags, but
-    bincount.serve reads its batching defaults from BINCOUNT_MAX_BATCH_SIZE / _DELAY_MS."""
+    bincount.serving.server reads its batching defaults from BINCOUNT_MAX_BATCH_SIZE / _DELAY_MS."""
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update({name: str(value) for name, value in settings.items()})
     try:
@@ -234,7 +234,7 @@ def server_label(max_batch_size, log: str) -> str:
 
 def start_server(stack: contextlib.ExitStack, max_batch_size, package: bytes, args):
     """A started endpoint with ``max_batch_size``, stopped when ``stack`` closes; and its label."""
-    from bincount.deploy import start_local_endpoint
+    from bincount.serving.endpoint import start_local_endpoint
 
     settings = {"BINCOUNT_MAX_BATCH_SIZE": max_batch_size, "BINCOUNT_MAX_BATCH_DELAY_MS": args.max_batch_delay_ms}
     with server_env(**settings):  # the subprocess copies the environment at start
@@ -353,12 +353,12 @@ def print_report(ceiling: Level, single: Level, servers: dict, args, described: 
 
 def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere, bincount importable
-    # The same OpenMP policy as the server's (bincount.serve sets it unless it is
+    # The same OpenMP policy as the server's (bincount.serving.server sets it unless it is
     # set), so that the ceiling and the server run the model alike; before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
-    from bincount.inference import load_predictor
-    from bincount.package import build_package
+    from bincount.model.predictor import load_predictor
+    from bincount.serving.package import build_package
 
     raws, described = load_images(args.data, args.images)
     state, meta = build_model(args.arch, args.image_size)

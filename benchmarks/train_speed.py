@@ -9,8 +9,8 @@ equally; each keeps its fastest round.
 * **plain**: what a first fine-tune looks like. A ``Dataset`` that opens the
   JPEG with PIL, resizes and flips it every epoch, a ``DataLoader``, fp32,
   the default (NCHW) memory format, every layer training.
-* **bincount**: ``bincount.train.train_model`` with the recipe as configured,
-  after ``bincount.images.decode_all`` (decode and resize once per run: its
+* **bincount**: ``bincount.model.train.train_model`` with the recipe as configured,
+  after ``bincount.data.images.decode_all`` (decode and resize once per run: its
   time is counted, spread over the epochs as it is in a real run).
 
 Two more rows take the recipe apart, so each speed-up is measured on its own:
@@ -65,7 +65,7 @@ def plain_loop(cfg, raws, labels, epochs: int) -> float:
     from PIL import Image
     from torchvision.transforms import v2
 
-    from bincount.models import create_model, get_arch
+    from bincount.model.architectures import create_model, get_arch
 
     arch = get_arch(cfg.arch)
     transform = v2.Compose([v2.Resize((cfg.image_size, cfg.image_size)), v2.RandomHorizontalFlip(),
@@ -97,11 +97,11 @@ def plain_loop(cfg, raws, labels, epochs: int) -> float:
 
 
 def bincount_loop(cfg, raws, labels, epochs: int) -> float:
-    """Seconds for decode-once plus ``epochs`` training epochs of bincount.train (validation excluded)."""
+    """Seconds for decode-once plus ``epochs`` training epochs of bincount.model.train (validation excluded)."""
     import torch
 
-    from bincount.images import decode_all
-    from bincount.train import train_model
+    from bincount.data.images import decode_all
+    from bincount.model.train import train_model
 
     start = time.perf_counter()
     x = decode_all(raws, cfg.image_size, progress=False)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from bincount.grid import expand_grid
+    from bincount.model.grid import expand_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)

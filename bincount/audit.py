@@ -36,7 +36,7 @@ such bins are listed as *not judged* with the reason. Unusable objects
 
 The CLI (``bincount audit``) and ``flows/audit_flow.py`` are thin callers of
 the functions here; both read data through ``open_source``/``fetch_subset`` and
-score with ``bincount.inference``, like everything else.
+score with ``bincount.model.predictor``, like everything else.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from bincount.fetch import DEFAULT_WORKERS, describe_classes, fetch_subset, read_file_list
-from bincount.sources import Source
+from bincount.data.fetch import DEFAULT_WORKERS, describe_classes, fetch_subset, read_file_list
+from bincount.data.sources import Source
 
 DEFAULT_TARGET_PRECISION = 0.9
 DEFAULT_SHIFTS = (-2, -1, 1, 2)
@@ -253,8 +253,8 @@ def threshold_for_run(run, predictor, *, target_precision: float = DEFAULT_TARGE
 
 def choose_model_run(run_id: str | None = None, *, target: str = "local"):
     """``run_id``'s run, else the champion for ``target``, else the latest successful run."""
-    from bincount.champion import current_champion
-    from bincount.runs import get_run
+    from bincount.flow.champion import current_champion
+    from bincount.flow.runs import get_run
 
     if run_id:
         return get_run(run_id)
@@ -273,7 +273,7 @@ class AuditPart:
 
 def thumbnail_uri(raw: bytes, size: int = THUMBNAIL_PX) -> str:
     """A small JPEG of the photo as a ``data:`` URI (no external file or URL)."""
-    from bincount.images import thumbnail
+    from bincount.data.images import thumbnail
 
     return "data:image/jpeg;base64," + base64.b64encode(thumbnail(raw, size)).decode("ascii")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 def _cmd_serve(args) -> int:
-    from bincount.package import build_package, extract_package
-    from bincount.runs import get_run, model_of
-    from bincount.serve import serve_with_arguments
+    from bincount.serving.package import build_package, extract_package
+    from bincount.flow.runs import get_run, model_of
+    from bincount.serving.server import serve_with_arguments
 
     run = get_run(args.run)
     model_dir = extract_package(build_package(*model_of(run)), tempfile.mkdtemp(prefix="bincount-serve-"))
@@ -30,7 +30,7 @@ def _print_predictions(paths, predictions) -> None:
 
 
 def _cmd_predict(args) -> int:
-    from bincount.inference import RequestError, input_fn
+    from bincount.serving.handler import RequestError, input_fn
 
     raws = {}
     for path in args.images:
@@ -41,11 +41,11 @@ def _cmd_predict(args) -> int:
     if not raws:
         return 2
     if args.endpoint:
-        from bincount.deploy import invoke
+        from bincount.serving.endpoint import invoke
 
         predictions = [invoke(args.endpoint.rstrip("/"), raw)["predictions"][0] for raw in raws.values()]
     else:
-        from bincount.runs import get_run, predictor_of
+        from bincount.flow.runs import get_run, predictor_of
 
         predictions = predictor_of(get_run(args.run)).predict_bytes(list(raws.values()))
     if args.json:
@@ -56,10 +56,10 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from bincount.fetch import fetch_subset, read_file_list
-    from bincount.metrics import count_metrics
-    from bincount.runs import get_run, predictor_of
-    from bincount.sources import open_source
+    from bincount.data.fetch import fetch_subset, read_file_list
+    from bincount.model.metrics import count_metrics
+    from bincount.flow.runs import get_run, predictor_of
+    from bincount.data.sources import open_source
 
     run = get_run(args.run)
     predictor = predictor_of(run)
@@ -79,8 +79,8 @@ def _cmd_audit(args) -> int:
     """0: nothing flagged; 1: some bin flagged; 2: error."""
     import traceback
 
-    from bincount.runs import RunNotFound
-    from bincount.sources import SourceUnreachable
+    from bincount.flow.runs import RunNotFound
+    from bincount.data.sources import SourceUnreachable
 
     try:
         return _audit(args)
@@ -93,8 +93,8 @@ def _cmd_audit(args) -> int:
 
 def _audit(args) -> int:
     from bincount import audit
-    from bincount.runs import predictor_of
-    from bincount.sources import open_source
+    from bincount.flow.runs import predictor_of
+    from bincount.data.sources import open_source
 
     ids = audit.read_ids(args.ids) if args.ids else None
     run = audit.choose_model_run(args.run)
@@ -116,8 +116,8 @@ def _audit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bincount.fetch import DEFAULT_WORKERS
-    from bincount.serve import add_server_arguments
+    from bincount.data.fetch import DEFAULT_WORKERS
+    from bincount.serving.server import add_server_arguments
 
     parser = argparse.ArgumentParser(
         prog="bincount", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bincount.runs import RunNotFound
-    from bincount.sources import SourceUnreachable
+    from bincount.flow.runs import RunNotFound
+    from bincount.data.sources import SourceUnreachable
 
     args = build_parser().parse_args(argv)
     try:

@@ -6,7 +6,7 @@ start picks the model (--run, else the run tagged champion:local, else the
 latest successful BinCountFlow run) and chooses the flag threshold on that
 run's validation split; list_ids lists the bins of --source (or reads --ids);
 each score task fetches and scores one shard with the same data path
-(open_source, fetch_subset) and handler (bincount.inference) as everything
+(open_source, fetch_subset) and handler (bincount.serving.handler) as everything
 else; join writes one report (audit.csv, audit.html, summary.json) to --out
 and keeps it as artifacts. The logic is in bincount/audit.py.
 
@@ -37,16 +37,18 @@ class AuditFlow(FlowSpec):
     def start(self):
         """Choose the model run and the threshold (on that run's validation split)."""
         from bincount.audit import choose_model_run, threshold_for_run
-        from bincount.inference import load_predictor
-        from bincount.runs import model_of
+        from bincount.flow.runs import model_of
+        from bincount.model.predictor import load_predictor
 
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
         run = choose_model_run(self.model_run_id or None)
         self.model_run = run.pathspec
-        self.model_state, self.model_meta = model_of(run)  # kept here: the shards need no other run
-        predictor = load_predictor(self.model_state, self.model_meta)
+        self.model_state, meta = model_of(run)  # kept here: the shards need no other run
+        self.model_meta = meta.to_dict()
+        predictor = load_predictor(self.model_state, meta)
         self.threshold = threshold_for_run(run, predictor, target_precision=self.target_precision).as_dict()
+        self.model_classes = meta.classes
         self.out_dir = os.path.abspath(self.out)
         print(f"model {self.model_run}; threshold {self.threshold['value']:.3f} "
               f"({self.threshold['note']})")
@@ -56,12 +58,12 @@ class AuditFlow(FlowSpec):
     def list_ids(self):
         """The bins to audit, in shards."""
         from bincount.audit import read_ids, shards
-        from bincount.sources import open_source
+        from bincount.data.sources import open_source
 
         if self.ids:
             ids = read_ids(self.ids)
         else:
-            source = open_source(self.source, classes=self.model_meta["classes"])
+            source = open_source(self.source, classes=self.model_classes)
             source.check()
             ids = list(source.list_ids())
         self.n_ids = len(ids)
@@ -73,8 +75,8 @@ class AuditFlow(FlowSpec):
     def score(self):
         """Fetch and score one shard."""
         from bincount.audit import score_bins
-        from bincount.inference import load_predictor
-        from bincount.sources import open_source
+        from bincount.data.sources import open_source
+        from bincount.model.predictor import load_predictor
 
         predictor = load_predictor(self.model_state, self.model_meta)
         source = open_source(self.source, classes=predictor.classes, max_pool_connections=self.workers)
@@ -92,7 +94,7 @@ class AuditFlow(FlowSpec):
         self.merge_artifacts(inputs, exclude=["rows", "thumbnails"])
         report = combine([AuditPart(inp.rows, inp.thumbnails) for inp in inputs],
                          threshold=Threshold(**self.threshold), model_run=self.model_run, source=self.source,
-                         classes=self.model_meta["classes"])
+                         classes=self.model_classes)
         self.audit = rows_table(report.rows)  # id, expected, predicted, ..., flagged, status, reason
         self.flagged_ids = [r["id"] for r in report.flagged()]
         self.summary = report.summary()

@@ -18,12 +18,11 @@ import os
 
 from metaflow import Config, FlowSpec, Parameter, card, current, step
 
-from bincount import cards
-from bincount.compute import compute_from_config
+from bincount.flow import cards
+from bincount.flow.compute import compute_from_config
 
 DEFAULT_GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids", "default.json")
 DEPLOY_TARGETS = ("local", "sagemaker", "none")
-SMOKE_TEST_IMAGES = 16
 
 
 @compute_from_config("compute")
@@ -62,14 +61,14 @@ class BinCountFlow(FlowSpec):
     @step
     def start(self):
         """Validate every option before any download or training starts."""
-        from bincount.compute import ComputeConfig
-        from bincount.fetch import parse_classes
-        from bincount.grid import expand_grid
+        from bincount.flow.compute import ComputeConfig
+        from bincount.data.fetch import parse_classes
+        from bincount.model.grid import expand_grid
 
         if self.deploy_target not in DEPLOY_TARGETS:
             raise ValueError(f"--deploy-target {self.deploy_target!r}: choose one of {DEPLOY_TARGETS}")
         if self.deploy_target == "sagemaker":  # fail before training, not after it
-            from bincount.sagemaker_endpoint import SageMakerTarget
+            from bincount.sagemaker.endpoint import SageMakerTarget
 
             SageMakerTarget.from_config(self.deploy_config.to_dict())
         print(f"train step compute: {ComputeConfig.from_dict(self.compute.to_dict()).describe()}")
@@ -81,8 +80,8 @@ class BinCountFlow(FlowSpec):
     @step
     def fetch_subset(self):
         """Choose and download a class-balanced subset; record what was skipped and why."""
-        from bincount.fetch import fetch_subset, read_file_list
-        from bincount.sources import open_source
+        from bincount.data.fetch import fetch_subset, read_file_list
+        from bincount.data.sources import open_source
 
         source = open_source(self.source, classes=self.class_list, seed=self.seed,
                              max_pool_connections=self.workers, synthetic_per_class=self.per_class)
@@ -104,7 +103,7 @@ class BinCountFlow(FlowSpec):
     @step
     def split(self):
         """Stratified, seeded train/val/test split."""
-        from bincount.split import split_counts, split_ids
+        from bincount.data.split import split_counts, split_ids
 
         self.split_table = split_ids(self.subset["id"].tolist(), self.subset["label"].tolist(),
                                      val_fraction=self.val_fraction, test_fraction=self.test_fraction,
@@ -118,17 +117,14 @@ class BinCountFlow(FlowSpec):
     @step
     def train(self):
         """Train one grid point; keep its curves, scores and best weights."""
-        from dataclasses import asdict
-
-        from bincount.compute import train_branch
-        from bincount.grid import TrainConfig
+        from bincount.flow.compute import train_branch
+        from bincount.model.grid import TrainConfig
 
         result = train_branch(self.compute.to_dict(), TrainConfig(**self.input), self.images, self.split_table,
                               self.class_list, seed=self.seed,
                               job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}")
-        self.history = result.history
-        self.scores = {k: v for k, v in asdict(result).items() if k not in {"state_dict", "history"}}
-        self.state_dict = result.state_dict
+        for name, value in result.to_artifacts().items():  # scores, history, state_dict
+            setattr(self, name, value)
         cards.train_card(current.card, self)
         self.next(self.join)
 
@@ -137,24 +133,24 @@ class BinCountFlow(FlowSpec):
     @step
     def join(self, inputs):
         """Keep the best grid point by validation accuracy (or the best few, averaged), and a table of all."""
-        from bincount.grid import select_config
-        from bincount.selection import choose_model, results_table
-        from bincount.train import TrainResult
+        from bincount.model.grid import select_config
+        from bincount.model.selection import choose_model, results_table
+        from bincount.model.train import TrainResult
 
-        results = [TrainResult(**inp.scores, state_dict=inp.state_dict, history=inp.history) for inp in inputs]
+        results = [TrainResult.from_artifacts(inp) for inp in inputs]
         # Everything from before the foreach is the same in every branch; carry it on.
-        self.merge_artifacts(inputs, exclude=["history", "scores", "state_dict"])
+        self.merge_artifacts(inputs, exclude=list(TrainResult.ARTIFACTS))
         self.grid_results = results_table(results)
         self.grid_histories = {r.config["name"]: r.history for r in results}
         val = self.split_table[self.split_table["split"] == "val"]
         choice = choose_model(results, select_config(self.grid.to_dict()),
-                              [self.class_list.index(label) for label in val["label"]], self.class_list)
-        self.chosen = choice.meta["grid_point"]
-        self.ensemble = [m["grid_point"] for m in choice.meta["members"]]
+                              [self.class_list.index(label) for label in val["label"]], self.class_list,
+                              flow=current.flow_name, run_id=current.run_id)
+        self.chosen = choice.meta.grid_point
+        self.ensemble = [m.grid_point for m in choice.meta.members]
         self.model_state = choice.state
-        self.model_meta = {**choice.meta, "classes": self.class_list, "flow": current.flow_name,
-                           "run_id": current.run_id}
-        print(f"serving {' + '.join(self.ensemble)}{' with flip TTA' if choice.meta['tta'] else ''}: "
+        self.model_meta = choice.meta.to_dict()  # model.json
+        print(f"serving {' + '.join(self.ensemble)}{' with flip TTA' if choice.meta.tta else ''}: "
               f"validation accuracy {choice.val_accuracy:.3f}")
         print(self.grid_results[["name", "val_accuracy", "val_loss", "best_epoch"]].to_string(index=False))
         # Two editable cards, so each is named (the grid card's type is in metaflow_extensions/).
@@ -165,9 +161,9 @@ class BinCountFlow(FlowSpec):
     @card(type="blank", id="report")
     @step
     def evaluate(self):
-        """Score the chosen model on the test split with the same handler the endpoint uses."""
-        from bincount.inference import load_predictor
-        from bincount.metrics import count_metrics
+        """Score the chosen model on the test split with the forward pass the endpoint uses."""
+        from bincount.model.metrics import count_metrics
+        from bincount.model.predictor import load_predictor
 
         test = self.split_table[self.split_table["split"] == "test"]
         predictor = load_predictor(self.model_state, self.model_meta)
@@ -184,27 +180,17 @@ class BinCountFlow(FlowSpec):
     @step
     def deploy(self):
         """Deploy if the model beats the target's champion; smoke-test the endpoint."""
-        from bincount.champion import crown, gate
-        from bincount.deploy import deploy
-        from bincount.package import build_package
+        from bincount.flow.deploy import promote
 
-        self.deployment = {"target": self.deploy_target}
-        self.champion_decision = None
-        if self.deploy_target != "none":
-            test = self.split_table[self.split_table["split"] == "test"]
-            self.champion_decision = gate(
-                self.deploy_target, run_id=current.run_id, classes=self.class_list,
-                new_accuracy=self.test_metrics["accuracy"], test_images=[self.images[i] for i in test["id"]],
-                test_labels=test["label"].tolist(), force=self.force_deploy)
-            print(f"champion gate: {self.champion_decision}")
-        if self.champion_decision and self.champion_decision["deploy"]:
-            self.model_package = build_package(self.model_state, self.model_meta)
-            ids = list(self.test_predictions)[:SMOKE_TEST_IMAGES]
-            self.deployment.update(deploy(self.deploy_target, self.model_package, self.model_meta,
-                                          {i: self.images[i] for i in ids}, {i: self.test_predictions[i] for i in ids},
-                                          self.deploy_config.to_dict()))
-            self.deployment["replaced"] = crown(current.run_id, self.deploy_target)
-            print(f"deployed to {self.deploy_target}: {self.deployment['smoke_test']}")
+        test = self.split_table[self.split_table["split"] == "test"]
+        promotion = promote(self.deploy_target, run_id=current.run_id, state=self.model_state, meta=self.model_meta,
+                            test_images={i: self.images[i] for i in test["id"]}, test_labels=test["label"].tolist(),
+                            test_predictions=self.test_predictions, new_accuracy=self.test_metrics["accuracy"],
+                            force=self.force_deploy, config=self.deploy_config.to_dict())
+        self.deployment = promotion.deployment
+        self.champion_decision = promotion.decision.to_dict() if promotion.decision else None
+        if promotion.package is not None:
+            self.model_package = promotion.package
         cards.deploy_card(current.card, self)
         self.next(self.end)
 

@@ -209,8 +209,8 @@ def synthetic_run():
 @pytest.fixture(scope="session")
 def tiny_model():
     """An untrained tiny model's weights and metadata, for handler and server tests."""
-    from bincount.models import create_model
-    from bincount.train import state_dict_bytes
+    from bincount.model.architectures import create_model
+    from bincount.model.train import state_dict_bytes
 
     meta = {"arch": "resnet18", "image_size": 64, "classes": [1, 2, 3, 4, 5], "run_id": "test-run"}
     return state_dict_bytes(create_model("resnet18", num_classes=5, image_size=64)), meta
@@ -218,6 +218,6 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def synthetic_jpegs() -> dict[int, bytes]:
-    from bincount.synthetic import synthetic_bin
+    from bincount.data.synthetic import synthetic_bin
 
     return {count: synthetic_bin(count, seed=count) for count in (1, 2, 3, 4, 5)}

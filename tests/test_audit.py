@@ -103,8 +103,8 @@ def odd_folder(tmp_path_factory, synthetic_jpegs):
 
 
 def test_counts_outside_the_classes_are_not_judged_and_bad_objects_are_listed(odd_folder, tiny_model):
-    from bincount.inference import load_predictor
-    from bincount.sources import LocalSource
+    from bincount.model.predictor import load_predictor
+    from bincount.data.sources import LocalSource
 
     predictor = load_predictor(*tiny_model)
     ids = ["ok-a", "zero", "text", "seven", "malformed", "nometa", "ok-b"]
@@ -199,7 +199,7 @@ def audit_folder(tmp_path_factory):
 
     Returns (folder, altered ids, unaltered ids, not-judged ids, bad ids).
     """
-    from bincount.synthetic import synthetic_bin
+    from bincount.data.synthetic import synthetic_bin
 
     rng = random.Random(11)
     files, altered, unaltered = {}, set(), set()
@@ -279,13 +279,13 @@ def test_cli_audit_exits_0_when_nothing_is_flagged_and_2_on_error(synthetic_run,
 
 @pytest.mark.flow
 def test_the_default_model_is_the_champion_else_the_latest_run(synthetic_run, monkeypatch):
-    import bincount.champion
-    from bincount.runs import get_run
+    import bincount.flow.champion
+    from bincount.flow.runs import get_run
 
     assert audit.choose_model_run(synthetic_run.id).pathspec == synthetic_run.pathspec
-    champion = bincount.champion.current_champion("local")
+    champion = bincount.flow.champion.current_champion("local")
     assert champion is not None and audit.choose_model_run().pathspec == champion.pathspec
-    monkeypatch.setattr(bincount.champion, "current_champion", lambda target: None)
+    monkeypatch.setattr(bincount.flow.champion, "current_champion", lambda target: None)
     assert audit.choose_model_run().pathspec == get_run().pathspec
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import DATASTORE, REPO
 
-from bincount import cards
+from bincount.flow import cards
 
 NOTEBOOK = REPO / "notebooks" / "inspect_runs.ipynb"
 

@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import DATASTORE, FLOW, REPO, resume_flow, run_flow
 
-from bincount.compute import ComputeConfig
-from bincount.train import FAIL_ENV
+from bincount.flow.compute import ComputeConfig
+from bincount.model.train import FAIL_ENV
 
 EXAMPLES = REPO / "flows" / "compute"
 

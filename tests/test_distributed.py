@@ -13,9 +13,9 @@ import textwrap
 
 import pytest
 
-from bincount.distributed import init_from_env, interleave, shard, world
-from bincount.grid import TrainConfig
-from bincount.train import epoch_steps, train_on_split
+from bincount.model.distributed import init_from_env, interleave, shard, world
+from bincount.model.grid import TrainConfig
+from bincount.model.train import epoch_steps, train_on_split
 
 # Three counts far enough apart that a small network from scratch learns them in a few epochs.
 CLASSES = [1, 3, 5]
@@ -35,20 +35,20 @@ WORKER = textwrap.dedent("""
     import pickle, sys
     from pathlib import Path
 
-    import bincount.images
-    from bincount import distributed
-    from bincount.grid import TrainConfig
-    from bincount.train import train_on_split
+    import bincount.data.images
+    from bincount.model import distributed
+    from bincount.model.grid import TrainConfig
+    from bincount.model.train import train_on_split
 
     decoded = []
-    decode_all = bincount.images.decode_all
+    decode_all = bincount.data.images.decode_all
 
     def counting_decode_all(raws, *args, **kwargs):
         x = decode_all(raws, *args, **kwargs)
         decoded.append(len(x))
         return x
 
-    bincount.images.decode_all = counting_decode_all
+    bincount.data.images.decode_all = counting_decode_all
     data = pickle.loads(Path(sys.argv[1]).read_bytes())
     result = train_on_split(TrainConfig(**data["config"]), data["images"], data["table"], data["classes"],
                             seed=0, progress=False)
@@ -63,7 +63,7 @@ def make_photos(n_train: int, n_val: int):
     """Generated bins with each count in turn: the first ``n_train`` train, the rest validation."""
     import pandas as pd
 
-    from bincount.synthetic import synthetic_bin
+    from bincount.data.synthetic import synthetic_bin
 
     images, rows = {}, []
     for i in range(n_train + n_val):
@@ -103,9 +103,9 @@ def train_in_two_processes(cfg: TrainConfig, images, table, folder) -> list[dict
 def test_two_processes_learn_as_well_as_one_and_return_the_whole_result(tmp_path):
     import torch
 
-    from bincount.images import decode_all
-    from bincount.models import create_model, get_arch
-    from bincount.train import autocast_dtype, validation_probabilities
+    from bincount.data.images import decode_all
+    from bincount.model.architectures import create_model
+    from bincount.model.train import autocast_dtype, validation_probabilities
 
     images, table = make_photos(N_TRAIN, N_VAL)
     single = train_on_split(CFG, images, table, CLASSES, seed=0, progress=False)
@@ -132,8 +132,7 @@ def test_two_processes_learn_as_well_as_one_and_return_the_whole_result(tmp_path
     model.load_state_dict(torch.load(io.BytesIO(ddp.state_dict), weights_only=True))
     model = model.to(memory_format=torch.channels_last)
     val_x = decode_all([images[i] for i in table[table["split"] == "val"]["id"]], CFG.image_size, progress=False)
-    arch = get_arch(CFG.arch)
-    expected, _ = validation_probabilities(model, val_x, mean=arch.mean, std=arch.std, batch_size=32,
+    expected, _ = validation_probabilities(model, val_x, cfg=CFG, num_classes=len(CLASSES), batch_size=32,
                                            device="cpu", dtype=autocast_dtype(CFG.precision, "cpu"))
     assert len(ddp.val_probabilities) == len(ddp.val_probabilities_tta) == N_VAL
     assert torch.allclose(torch.tensor(ddp.val_probabilities), torch.tensor(expected), atol=1e-2)

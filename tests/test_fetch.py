@@ -3,8 +3,8 @@ import json
 import pytest
 from conftest import metadata, write_tree
 
-from bincount.fetch import BadInput, check_image, fetch_subset, parse_classes, parse_label, read_file_list
-from bincount.sources import open_source
+from bincount.data.fetch import BadInput, check_image, fetch_subset, parse_classes, parse_label, read_file_list
+from bincount.data.sources import open_source
 
 
 @pytest.mark.parametrize("spec,expected", [("1-5", [1, 2, 3, 4, 5]), ("0-5", [0, 1, 2, 3, 4, 5]),

@@ -10,7 +10,7 @@ import pytest
 import requests
 from conftest import free_port, resume_flow, run_flow, sample_files, upload_tree
 
-from bincount.train import FAIL_ENV
+from bincount.model.train import FAIL_ENV
 
 pytestmark = pytest.mark.flow
 

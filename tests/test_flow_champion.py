@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import run_flow
 
-from bincount.champion import champion_tag, current_champion
+from bincount.flow.champion import champion_tag, current_champion
 
 pytestmark = pytest.mark.flow
 

@@ -6,8 +6,8 @@ import time
 import pytest
 from conftest import REPO
 
-from bincount import models
-from bincount.grid import SelectConfig, TrainConfig, expand_grid, select_config
+from bincount.model import architectures as models
+from bincount.model.grid import SelectConfig, TrainConfig, expand_grid, select_config
 
 
 def test_default_grid_is_valid_and_runs_offline():
@@ -66,7 +66,7 @@ def test_frozen_blocks_keep_the_stem_and_early_blocks_fixed(arch, blocks, first_
     names = [n for n, _ in model.named_parameters()]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == names[names.index(next(n for n in names if n.startswith(first_trainable))):]
-    models.set_train_mode(model, arch, blocks)
+    model.train()  # a plain train(): the frozen blocks were frozen once, when the model was built
     frozen = models.early_modules(model, arch, blocks)
     assert not any(m.training for f in frozen for m in f.modules()) and model.training
     # frozen batch norms keep their statistics through a training forward pass

@@ -7,9 +7,9 @@ import json
 import pytest
 import requests
 
-from bincount import inference
-from bincount.deploy import EndpointError, invoke, smoke_test, start_local_endpoint
-from bincount.package import build_package, extract_package
+from bincount.serving import handler as inference
+from bincount.serving.endpoint import EndpointError, invoke, smoke_test, start_local_endpoint
+from bincount.serving.package import build_package, extract_package
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,57 @@ def test_package_has_the_sagemaker_layout_and_loads_without_pickle(package, tmp_
 
     names = tarfile.open(fileobj=io.BytesIO(package)).getnames()
     assert {"model.pt", "model.json", "code/inference.py", "code/requirements.txt",
-            "code/bincount/inference.py"} <= set(names)
+            "code/bincount/serving/handler.py"} <= set(names)
     predictor = inference.model_fn(str(extract_package(package, tmp_path)))
     assert predictor.classes == [1, 2, 3, 4, 5]
+
+
+# Run in a fresh interpreter: its path holds the package's code/ folder and the third-party
+# packages, never this checkout (no working directory, no PYTHONPATH, and the finder that an
+# editable install of bincount adds is taken out), so a module missing from the package fails.
+FRESH_INTERPRETER = """
+import importlib, json, pkgutil, sys
+code = sys.argv[1]
+sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
+sys.path.insert(0, code)
+import inference  # code/inference.py, as SageMaker's container imports it
+predictor = inference.model_fn(sys.argv[2])
+answer = inference.predict_fn(inference.input_fn(open(sys.argv[3], "rb").read(), "image/jpeg"), predictor)
+import bincount
+modules = [m.name for m in pkgutil.walk_packages(bincount.__path__, "bincount.")]
+for name in modules:
+    importlib.import_module(name)
+files = sorted({m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "bincount"})
+print(json.dumps({"answer": answer, "modules": modules, "files": files}))
+"""
+
+
+def test_the_package_serves_from_its_own_code_folder_alone(package, tiny_model, synthetic_jpegs, tmp_path):
+    import subprocess
+    import sys
+
+    from bincount.serving.package import library_files
+
+    model_dir = extract_package(package, tmp_path / "model")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(synthetic_jpegs[3])
+    out = subprocess.run([sys.executable, "-I", "-c", FRESH_INTERPRETER, str(model_dir / "code"), str(model_dir),
+                          str(photo)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(f.startswith(str(model_dir / "code")) for f in got["files"]), got["files"]
+    # every module of the library travels: the package has every file this checkout has
+    assert {f"code/{name}" for name, _ in library_files()} <= set(tarfile_names(package))
+    assert len(got["modules"]) >= len([n for n, _ in library_files() if not n.endswith("__init__.py")])
+    expected = inference.load_predictor(*tiny_model).predict_bytes([synthetic_jpegs[3]])
+    assert got["answer"][0]["count"] == expected[0]["count"]
+    assert got["answer"][0]["probabilities"] == pytest.approx(expected[0]["probabilities"], abs=1e-5)
+
+
+def tarfile_names(package: bytes) -> list[str]:
+    import tarfile
+
+    return tarfile.open(fileobj=io.BytesIO(package)).getnames()
 
 
 def test_handler_answers_counts_with_probabilities(tiny_model, synthetic_jpegs):

@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from bincount import inference
-from bincount.deploy import start_local_endpoint
-from bincount.package import build_package
-from bincount.serve import MicroBatcher, choose_batch_size, create_app, time_batch_sizes
+from bincount.serving import handler as inference
+from bincount.serving.endpoint import start_local_endpoint
+from bincount.serving.package import build_package
+from bincount.serving.server import MicroBatcher, choose_batch_size, create_app, time_batch_sizes
 
 N_REQUESTS = 2400
 CLIENTS = 16
 LOAD_DEADLINE_S = 150  # far above the ~20-40 s it takes on 2 shared cores: a hang, not slowness
 OVERSIZED_EVERY = 400  # 11 MB each: a few are enough
-MAX_BODY = 10 * 1024 * 1024  # bincount.serve's default, which start_local_endpoint uses
+MAX_BODY = 10 * 1024 * 1024  # bincount.serving.server's default, which start_local_endpoint uses
 
 
 # --- Request bodies ------------------------------------------------------------
@@ -183,7 +183,7 @@ def problems(outcomes: list[Outcome], expected: dict[bytes, dict]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def jpegs() -> list[bytes]:
-    from bincount.synthetic import synthetic_bin
+    from bincount.data.synthetic import synthetic_bin
 
     return [synthetic_bin(count, seed=100 + seed) for seed in range(3) for count in (1, 2, 3, 4, 5)]
 
@@ -377,9 +377,9 @@ def test_batch_sizes_are_timed_on_the_real_model(tiny_model):
 
 
 def test_batch_sizes_stop_doubling_once_a_batch_is_slow(tiny_model, monkeypatch):
-    import bincount.serve
+    import bincount.serving.server
 
     # An ensemble with TTA on a CPU: every batch counts as slow, so only the first size is timed.
-    monkeypatch.setattr(bincount.serve, "MAX_TIMED_BATCH_S", 0.0)
+    monkeypatch.setattr(bincount.serving.server, "MAX_TIMED_BATCH_S", 0.0)
     timings = time_batch_sizes(inference.load_predictor(*tiny_model), limit=8, rounds=1)
     assert list(timings) == [1]

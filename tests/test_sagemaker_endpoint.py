@@ -26,8 +26,8 @@ import pytest
 import requests
 from conftest import free_port, wait_for_port
 
-from bincount.package import build_package
-from bincount.sagemaker_endpoint import (NAME_RE, SageMakerDeployError, SageMakerTarget, deploy_to_sagemaker,
+from bincount.serving.package import build_package
+from bincount.sagemaker.endpoint import (NAME_RE, SageMakerDeployError, SageMakerTarget, deploy_to_sagemaker,
                                          make_clients, resource_name, smoke_test_sagemaker, wait_in_service)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "flows" / "deploy" / "sagemaker.example.json"

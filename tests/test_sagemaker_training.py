@@ -1,4 +1,4 @@
-"""SageMaker training jobs for the train step (bincount.training_job, bincount.sagemaker_training).
+"""SageMaker training jobs for the train step (bincount.sagemaker.training_job, bincount.sagemaker.training).
 
 - The entry point runs in a subprocess the way SageMaker's container runs it:
   the SDK's own container drivers (``sm_drivers``) turn the job's
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pytest
 
-from bincount.grid import TrainConfig
-from bincount.sagemaker_training import (CONTAINER_REQUIREMENTS, NAME_BASE_MAX, SageMakerTrainingError,
+from bincount.model.grid import TrainConfig
+from bincount.sagemaker.training import (CONTAINER_REQUIREMENTS, NAME_BASE_MAX, SageMakerTrainingError,
                                          SageMakerTrainingSettings, aws_session, build_source_dir,
                                          finish_training_job, job_base_name, launch_training_job,
                                          settings_from_config, train_on_sagemaker, wait_for_job)
-from bincount.train import TrainResult
-from bincount.training_job import (TrainingJobError, encode_hyperparameters, hyperparameters_from_args, load_result,
+from bincount.model.train import TrainResult
+from bincount.sagemaker.training_job import (TrainingJobError, encode_hyperparameters, hyperparameters_from_args, load_result,
                                    parse_hyperparameters, read_channel, save_result, write_channel)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +54,8 @@ SUBPROCESS_TIMEOUT_S = 600
 @pytest.fixture(scope="module")
 def tiny_data():
     """18 generated photos of 1-3 objects and a stratified split of them (train, val and test rows)."""
-    from bincount.split import split_ids
-    from bincount.synthetic import synthetic_bin
+    from bincount.data.split import split_ids
+    from bincount.data.synthetic import synthetic_bin
 
     ids = [f"syn{count}{i:02d}" for count in CLASSES for i in range(6)]
     images = {bin_id: synthetic_bin(int(bin_id[3]), seed=100 + n) for n, bin_id in enumerate(ids)}
@@ -150,7 +150,7 @@ def data_dir(root: Path, channel: str) -> Path:
 def check_trained(result: TrainResult, cfg: TrainConfig, n_val: int) -> None:
     import torch
 
-    from bincount.models import create_model
+    from bincount.model.architectures import create_model
 
     assert result.config == cfg.as_dict()
     assert [row["epoch"] for row in result.history] == list(range(1, cfg.epochs + 1))
@@ -540,7 +540,7 @@ def test_settings_defaults():
 def test_default_image_matches_the_sdk_image_table(region, instance_type):
     from sagemaker.core import image_uris
 
-    from bincount.sagemaker_training import DLC_PYTHON, DLC_VERSION
+    from bincount.sagemaker.training import DLC_PYTHON, DLC_VERSION
 
     want = image_uris.retrieve(framework="pytorch", region=region, version=DLC_VERSION, py_version=DLC_PYTHON,
                                instance_type=instance_type, image_scope="training")

@@ -3,7 +3,7 @@ import time
 import pytest
 from conftest import upload_tree
 
-from bincount.sources import LocalSource, MissingObject, S3Source, SourceUnreachable, open_source
+from bincount.data.sources import LocalSource, MissingObject, S3Source, SourceUnreachable, open_source
 
 
 def test_local_source_reads_and_lists(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from bincount.split import split_counts, split_ids
+from bincount.data.split import split_counts, split_ids
 
 
 def labelled(n_per_class=20, classes=(1, 2, 3, 4, 5)):

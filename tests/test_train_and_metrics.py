@@ -2,18 +2,18 @@ import io
 
 import pytest
 
-from bincount.grid import TrainConfig
-from bincount.metrics import count_metrics
-from bincount.grid import SelectConfig
-from bincount.selection import choose_best, choose_members, choose_model, combined_accuracy, results_table
-from bincount.train import FAIL_ENV, TrainResult, make_loss, param_groups, train_on_split
+from bincount.model.grid import TrainConfig
+from bincount.model.metrics import count_metrics
+from bincount.model.grid import SelectConfig
+from bincount.model.selection import choose_best, choose_members, choose_model, combined_accuracy, results_table
+from bincount.model.train import FAIL_ENV, TrainResult, make_loss, param_groups, train_on_split
 
 
 @pytest.fixture(scope="module")
 def synthetic_split():
-    from bincount.fetch import fetch_subset
-    from bincount.sources import open_source
-    from bincount.split import split_ids
+    from bincount.data.fetch import fetch_subset
+    from bincount.data.sources import open_source
+    from bincount.data.split import split_ids
 
     source = open_source("synthetic", classes=[1, 2, 3, 4, 5], seed=0, synthetic_per_class=60)
     subset = fetch_subset(source, classes=[1, 2, 3, 4, 5], per_class=60, progress=False)
@@ -73,7 +73,7 @@ def test_an_ensemble_averages_its_members_softmax():
 
 
 def test_the_expected_count_decision_answers_between_neighbours():
-    from bincount.inference import decide
+    from bincount.model.predictor import decide
 
     spread = [0.0, 0.0, 0.35, 0.3, 0.35]  # counts 1-5: argmax says 3 (first of the ties), the mass centres on 4
     assert decide(spread, [1, 2, 3, 4, 5]) == 2
@@ -88,7 +88,7 @@ def test_the_expected_count_decision_answers_between_neighbours():
 def test_the_join_serves_an_ensemble_with_tta(synthetic_split):
     import torch
 
-    from bincount.inference import load_predictor
+    from bincount.model.predictor import load_predictor
 
     images, table = synthetic_split
     tiny = TrainConfig(name="x", arch="resnet18", pretrained=False, batch_size=16, epochs=1, image_size=64)
@@ -96,12 +96,12 @@ def test_the_join_serves_an_ensemble_with_tta(synthetic_split):
     labels = [[1, 2, 3, 4, 5].index(v) for v in table[table["split"] == "val"]["label"]]
     for r, name in zip(results, "ab"):
         r.config["name"] = name
-    choice = choose_model(results, SelectConfig(ensemble=2, tta=True), labels)
-    assert [m["grid_point"] for m in choice.meta["members"]] == [r.config["name"] for r in sorted(
+    choice = choose_model(results, SelectConfig(ensemble=2, tta=True), labels, [1, 2, 3, 4, 5])
+    assert [m.grid_point for m in choice.meta.members] == [r.config["name"] for r in sorted(
         results, key=lambda r: (-r.val_accuracy, r.val_loss))]
     state = torch.load(io.BytesIO(choice.state), weights_only=True)
-    assert len(state["members"]) == 2 and choice.meta["tta"]
-    predictor = load_predictor(choice.state, {**choice.meta, "classes": [1, 2, 3, 4, 5]})
+    assert len(state["members"]) == 2 and choice.meta.tta
+    predictor = load_predictor(choice.state, choice.meta)
     # the served softmax is the mean over members and flips: the one the join scored on validation
     val = predictor.prepare([images[i] for i in table[table["split"] == "val"]["id"]])
     served = [[p["probabilities"][str(c)] for c in (1, 2, 3, 4, 5)] for p in predictor.predict_tensors(val)]
@@ -145,7 +145,7 @@ def test_class_balanced_loss_weighs_rare_classes_up():
 
 
 def test_the_pretrained_body_learns_slower_than_the_new_head():
-    from bincount.models import create_model
+    from bincount.model.architectures import create_model
 
     cfg = TrainConfig(name="d", arch="resnet18", pretrained=False, lr=1e-3, backbone_lr_factor=0.1, frozen_blocks=1)
     groups = param_groups(create_model("resnet18", num_classes=5, frozen_blocks=1), cfg)
@@ -165,7 +165,7 @@ def test_count_metrics():
 def test_augmentation_only_flips_and_recolours_and_is_seeded():
     import torch
 
-    from bincount.images import augment_batch
+    from bincount.data.images import augment_batch
 
     x = torch.randint(0, 256, (16, 3, 32, 40), dtype=torch.uint8)
     flips_only = augment_batch(x, torch.Generator().manual_seed(0), jitter=0.0)
@@ -178,7 +178,7 @@ def test_augmentation_only_flips_and_recolours_and_is_seeded():
 def test_transpose_augmentation_draws_all_eight_symmetries_of_a_square_photo():
     import torch
 
-    from bincount.images import augment_batch
+    from bincount.data.images import augment_batch
 
     image = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(1, 3, 8, 8)
     x = image.repeat(64, 1, 1, 1)

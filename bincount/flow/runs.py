@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bincount import FLOW_NAME
+from bincount.model.metadata import ModelMeta
 
 
 class RunNotFound(LookupError):
@@ -26,16 +27,16 @@ def get_run(run_id: str | None = None, flow: str = FLOW_NAME):
     return run
 
 
-def model_of(run) -> tuple[bytes, dict]:
+def model_of(run) -> tuple[bytes, ModelMeta]:
     """The chosen model's weights (state_dict bytes) and metadata."""
     data = run.data
     if "model_state" not in data:
         raise RunNotFound(f"run {run.pathspec} has no chosen model (did it get past join?)")
-    return data.model_state, data.model_meta
+    return data.model_state, ModelMeta.from_dict(data.model_meta, where=f"{run.pathspec} model_meta")
 
 
 def predictor_of(run):
-    from bincount.inference import load_predictor
+    from bincount.model.predictor import load_predictor
 
     state, meta = model_of(run)
     return load_predictor(state, meta)

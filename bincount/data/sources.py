@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-PUBLIC_BUCKET = "s3://aft-vbi-pds"
-IMAGE_DIR = "bin-images"
-METADATA_DIR = "metadata"
+from bincount.data.layout import METADATA_DIR, PUBLIC_BUCKET
 
 # Fail fast: an endpoint that does not answer must surface within a minute,
 # not after botocore's default of many long retries. Standard retry mode backs
@@ -39,14 +37,6 @@ class MissingObject(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want plain text
         return str(self.args[0]) if self.args else "missing object"
-
-
-def image_key(bin_id: str) -> str:
-    return f"{IMAGE_DIR}/{bin_id}.jpg"
-
-
-def metadata_key(bin_id: str) -> str:
-    return f"{METADATA_DIR}/{bin_id}.json"
 
 
 def unreachable_message(source: str, error: BaseException) -> str:
@@ -186,7 +176,7 @@ def open_source(spec: str, *, classes: list[int] | None = None, seed: int = 0,
     the cache folder, then reads it back like any local mirror.
     """
     if spec == "synthetic":
-        from bincount.synthetic import DEFAULT_PER_CLASS, write_synthetic_source
+        from bincount.data.synthetic import DEFAULT_PER_CLASS, write_synthetic_source
 
         classes = classes or [1, 2, 3, 4, 5]
         per_class = synthetic_per_class or DEFAULT_PER_CLASS

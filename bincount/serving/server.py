@@ -1,7 +1,7 @@
 """The local endpoint: SageMaker's container protocol on a real HTTP server.
 
 ``GET /ping`` answers 200 once the model is loaded; ``POST /invocations`` runs
-the handler in bincount.inference. Bad requests get a 4xx with a message; the
+the handler in bincount.serving.handler. Bad requests get a 4xx with a message; the
 server keeps serving. Starlette on uvicorn: a maintained ASGI stack, not a
 hand-rolled socket loop.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bincount.model.metadata import ModelMeta
+
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_MAX_BATCH_SIZE = "auto"
@@ -33,12 +34,12 @@ DEFAULT_MAX_BATCH_DELAY_MS = 5.0
 AUTO_BATCH_LIMIT = 32  # the largest batch "auto" tries
 MAX_TIMED_BATCH_S = 2.0  # ...unless a smaller one already takes this long
 # Environment variables that set the batching defaults, so that a server
-# started by someone else (bincount.deploy.start_local_endpoint, a container)
+# started by someone else (bincount.serving.endpoint.start_local_endpoint, a container)
 # can be configured without changing its command line.
 MAX_BATCH_SIZE_ENV = "BINCOUNT_MAX_BATCH_SIZE"
 MAX_BATCH_DELAY_ENV = "BINCOUNT_MAX_BATCH_DELAY_MS"
 
-log = logging.getLogger("bincount.serve")
+log = logging.getLogger("bincount.serving.server")
 
 
 # --- Micro-batching ----------------------------------------------------------
@@ -213,7 +214,7 @@ def time_batch_sizes(predictor, limit: int = AUTO_BATCH_LIMIT, rounds: int = 3) 
     import torch
 
     sizes = [2 ** k for k in range(limit.bit_length()) if 2 ** k <= limit]
-    images = torch.zeros((sizes[-1], 3, predictor.meta["image_size"], predictor.meta["image_size"]),
+    images = torch.zeros((sizes[-1], 3, predictor.meta.image_size, predictor.meta.image_size),
                          dtype=torch.uint8)
     for k, size in enumerate(sizes):  # warm-up: the first pass at each shape picks kernels and allocates
         start = time.perf_counter()
@@ -233,7 +234,7 @@ def time_batch_sizes(predictor, limit: int = AUTO_BATCH_LIMIT, rounds: int = 3) 
 # --- The HTTP app ---------------------------------------------------------------
 
 async def _read_body(request, max_body_bytes: int) -> bytes:
-    from bincount.inference import RequestError
+    from bincount.serving.handler import RequestError
 
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_body_bytes:
@@ -248,7 +249,7 @@ async def _read_body(request, max_body_bytes: int) -> bytes:
 
 def _decode_request(predictor, body: bytes, content_type: str):
     """Validate a request and decode its images: uint8 tensor (N, 3, size, size)."""
-    from bincount import inference
+    from bincount.serving import handler as inference
 
     raws = inference.input_fn(body, content_type)
     try:
@@ -274,7 +275,7 @@ def create_app(model, *, max_body_bytes: int = DEFAULT_MAX_BODY,
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from bincount import inference
+    from bincount.serving import handler as inference
 
     predictor = model if isinstance(model, inference.Predictor) else inference.model_fn(str(model))
     timings = {}
@@ -299,7 +300,7 @@ def create_app(model, *, max_body_bytes: int = DEFAULT_MAX_BODY,
     async def ping(request: Request) -> Response:
         if batcher and not batcher.running:
             return error("the batch worker is not running", 503)
-        return JSONResponse({"status": "ok", "run_id": predictor.meta.get("run_id")})
+        return JSONResponse({"status": "ok", "run_id": predictor.meta.run_id})
 
     async def invocations(request: Request) -> Response:
         try:
@@ -363,8 +364,8 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT
     _prefer_passive_openmp()
     app = create_app(model_dir, max_body_bytes=max_body_bytes, max_batch_size=max_batch_size,
                      max_batch_delay_ms=max_batch_delay_ms)
-    meta = json.loads((Path(model_dir) / "model.json").read_text())
-    print(f"serving run {meta.get('run_id')} ({meta['arch']}) on http://{host}:{port} "
+    meta = ModelMeta.read(Path(model_dir) / "model.json")
+    print(f"serving run {meta.run_id} ({meta.arch}) on http://{host}:{port} "
           f"({describe_batching(app, max_batch_delay_ms)})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
@@ -387,7 +388,7 @@ def _env_default(parser: argparse.ArgumentParser, name: str, default, kind):
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """The endpoint's options, shared by ``python -m bincount.serve`` and ``bincount serve``."""
+    """The endpoint's options, shared by ``python -m bincount.serving.server`` and ``bincount serve``."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
@@ -415,7 +416,7 @@ def serve_with_arguments(model_dir: str | Path, args: argparse.Namespace, parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bincount.serve",
+    parser = argparse.ArgumentParser(prog="python -m bincount.serving.server",
                                      description="Serve an extracted model.tar.gz folder.")
     parser.add_argument("--model-dir", required=True, help="folder with model.pt and model.json")
     add_server_arguments(parser)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 
-# Mean and std per architecture family live in bincount.models; these are the
+# Mean and std per architecture family live in bincount.model.architectures; these are the
 # torchvision ImageNet defaults used by the ResNets.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +29,7 @@ def decode(raw: bytes, size: int):
 def decode_all(raws, size: int, *, progress: bool = True, desc: str = "decoding"):
     """Many photos -> uint8 tensor (N, 3, size, size)."""
     import torch
-    from bincount.progress import progress_bar
+    from bincount.data.progress import progress_bar
 
     raws = list(raws)
     out = torch.empty((len(raws), 3, size, size), dtype=torch.uint8)

@@ -10,7 +10,24 @@ the flow to keep as an artifact.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 from bincount import FLOW_NAME
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    deploy: bool
+    reason: str
+    forced: bool
+    target: str
+    new_accuracy: float
+    champion_run: str | None = None  # the champion's pathspec, if the target has one
+    champion_accuracy: float | None = None  # on the new run's test split; None if not comparable
+
+    def to_dict(self) -> dict:
+        """The flow's ``champion_decision`` artifact."""
+        return asdict(self)
 
 
 def champion_tag(target: str) -> str:
@@ -41,28 +58,27 @@ def decide(new_accuracy: float, champion_accuracy: float | None, *, force: bool)
 
 
 def gate(target: str, *, run_id: str, classes: list[int], new_accuracy: float,
-         test_images: list[bytes], test_labels: list[int], force: bool = False) -> dict:
+         test_images: list[bytes], test_labels: list[int], force: bool = False) -> ChampionDecision:
     """Score the current champion on this run's test split and decide."""
-    from bincount.metrics import count_metrics
-    from bincount.runs import model_of, predictor_of
+    from bincount.model.metrics import count_metrics
+    from bincount.flow.runs import model_of, predictor_of
 
     champion = current_champion(target, exclude_run_id=run_id)
     champion_accuracy, note = None, ""
     if champion is not None:
         _, champion_meta = model_of(champion)
-        if champion_meta["classes"] != classes:
-            note = f"; the champion counts {champion_meta['classes']}, this run {classes}: not comparable"
+        if champion_meta.classes != classes:
+            note = f"; the champion counts {champion_meta.classes}, this run {classes}: not comparable"
             if not force:
-                return {"deploy": False, "reason": "champion not comparable" + note, "forced": False,
-                        "target": target, "new_accuracy": new_accuracy,
-                        "champion_run": champion.pathspec, "champion_accuracy": None}
+                return ChampionDecision(deploy=False, reason="champion not comparable" + note, forced=False,
+                                        target=target, new_accuracy=new_accuracy, champion_run=champion.pathspec)
         else:
             predictions = predictor_of(champion).predict_bytes(test_images)
             champion_accuracy = count_metrics(test_labels, [p["count"] for p in predictions], classes)["accuracy"]
     deploy, reason = decide(new_accuracy, champion_accuracy, force=force)
-    return {"deploy": deploy, "reason": reason + note, "forced": force, "target": target,
-            "new_accuracy": new_accuracy, "champion_run": champion.pathspec if champion else None,
-            "champion_accuracy": champion_accuracy}
+    return ChampionDecision(deploy=deploy, reason=reason + note, forced=force, target=target,
+                            new_accuracy=new_accuracy, champion_run=champion.pathspec if champion else None,
+                            champion_accuracy=champion_accuracy)
 
 
 def crown(run_id: str, target: str, *, flow: str = FLOW_NAME) -> str | None:

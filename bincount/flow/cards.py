@@ -94,7 +94,7 @@ def _image(fig, label: str | None = None):
 def _photo(jpeg: bytes, label: str | None = None):
     from metaflow.cards import Image
 
-    from bincount.images import thumbnail
+    from bincount.data.images import thumbnail
 
     return Image(thumbnail(jpeg, THUMBNAIL_PX), label=label)
 
@@ -412,14 +412,19 @@ def grid_table(grid_results, chosen: str):
 
 def served_text(model_meta: dict | None) -> str:
     """What the endpoint serves, when it is more than the best point alone."""
-    members = [m["grid_point"] for m in (model_meta or {}).get("members", [])]
-    if len(members) <= 1 and not (model_meta or {}).get("tta"):
+    from bincount.model.metadata import ModelMeta
+
+    if model_meta is None:
+        return ""
+    model_meta = ModelMeta.from_dict(model_meta)
+    members = [m.grid_point for m in model_meta.members]
+    if len(members) <= 1 and not model_meta.tta:
         return ""
     what = f"the mean softmax of **{' + '.join(members)}**" if len(members) > 1 else f"**{members[0]}**"
-    tta = " over the four flips of each photo" if model_meta.get("tta") else ""
-    rule = ("the count nearest its expected value" if model_meta.get("decision") == "expected"
+    tta = " over the four flips of each photo" if model_meta.tta else ""
+    rule = ("the count nearest its expected value" if model_meta.decision == "expected"
             else "its likeliest count")
-    return f"\n\nServed: {what}{tta}, answering {rule}; validation accuracy {model_meta['val_accuracy']:.3f}."
+    return f"\n\nServed: {what}{tta}, answering {rule}; validation accuracy {model_meta.val_accuracy:.3f}."
 
 
 def join_components(grid_results, grid_histories: dict, chosen: str, model_meta: dict | None = None) -> list:

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from bincount.sources import MissingObject, Source, image_key, metadata_key
+from bincount.data.layout import image_key, metadata_key
+from bincount.data.sources import MissingObject, Source
 
 DEFAULT_WORKERS = 32
 
@@ -149,7 +150,7 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
     each class in that order are kept, so the choice is deterministic for a
     seed. ``per_class=None`` keeps every usable candidate.
     """
-    from bincount.progress import progress_bar
+    from bincount.data.progress import progress_bar
 
     source.check()
     if candidate_ids is None:

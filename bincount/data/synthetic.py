@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from bincount.sources import image_key, metadata_key
+from bincount.data.layout import IMAGE_DIR, METADATA_DIR, image_key, metadata_key
 
 DEFAULT_PER_CLASS = 24
 IMAGE_SIZE = (160, 144)  # width, height: roughly the photos' aspect ratio
@@ -66,8 +66,8 @@ def write_synthetic_source(root: Path, *, classes: list[int], seed: int = 0,
     done = root / ".complete"
     if done.exists():
         return root
-    (root / "bin-images").mkdir(parents=True, exist_ok=True)
-    (root / "metadata").mkdir(parents=True, exist_ok=True)
+    (root / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    (root / METADATA_DIR).mkdir(parents=True, exist_ok=True)
     for count in classes:
         for i in range(per_class):
             bin_id = f"syn{count}{i:04d}"

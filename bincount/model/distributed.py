@@ -8,7 +8,7 @@ per worker and describe the group in the environment (``RANK``,
 the data (:func:`shard`), and the results are put back together with
 :func:`interleave`.
 
-An entry point under torchrun: call ``bincount.train.train_on_split`` (it joins
+An entry point under torchrun: call ``bincount.model.train.train_on_split`` (it joins
 the group), let rank 0 (``world()[0] == 0``) write what should be written
 once, then call :func:`cleanup`.
 """

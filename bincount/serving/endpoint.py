@@ -1,10 +1,10 @@
-"""Starting, checking and stopping an endpoint for a packaged model.
+"""A local endpoint for a packaged model: start it, check it, stop it.
 
-``deploy`` sends a package to a target: ``local`` here, ``sagemaker`` in
-bincount.sagemaker_endpoint. The ``local`` target extracts model.tar.gz,
-starts ``bincount.serve`` from it in a subprocess (its ``code/`` first on the
-import path, as SageMaker would), sends it test images over HTTP, checks its
-answers against in-process predictions and records latency, then stops it.
+``start_local_endpoint`` extracts model.tar.gz and starts
+``bincount.serving.server`` from it in a subprocess (its ``code/`` first on the
+import path, as SageMaker would); ``smoke_test`` sends it test images over
+HTTP, checks its answers against in-process predictions and records latency.
+``deploy_local`` is both, the ``local`` deploy target.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bincount.package import extract_package
+from bincount.serving.package import extract_package
 
 STARTUP_TIMEOUT_S = 300  # loading and timing an ensemble on a busy CPU takes a while
 REQUEST_TIMEOUT_S = 30
@@ -86,7 +86,7 @@ def start_local_endpoint(package: bytes, *, port: int | None = None, workdir: st
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bincount.serve", "--model-dir", str(model_dir), "--port", str(port)],
+            [sys.executable, "-m", "bincount.serving.server", "--model-dir", str(model_dir), "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     endpoint = LocalEndpoint(f"http://127.0.0.1:{port}", process, model_dir, log_path)
     deadline = time.monotonic() + timeout
@@ -130,25 +130,3 @@ def deploy_local(package: bytes, images: dict[str, bytes], expected: dict[str, d
         report = smoke_test(endpoint.url, images, expected)
     return {"url": endpoint.url, "package_sha256": hashlib.sha256(package).hexdigest(),
             "package_bytes": len(package), "smoke_test": report}
-
-
-def deploy(target: str, package: bytes, meta: dict, images: dict[str, bytes], expected: dict[str, dict],
-           config: dict | None = None) -> dict:
-    """Deploy ``package`` to ``target`` (``local`` or ``sagemaker``) and smoke-test it.
-
-    Raises EndpointError when the endpoint answers differently from the
-    in-process predictions in ``expected``.
-    """
-    if target == "sagemaker":
-        from bincount.sagemaker_endpoint import SageMakerTarget, deploy_to_sagemaker
-
-        report = deploy_to_sagemaker(package, meta, SageMakerTarget.from_config(config or {}),
-                                     smoke_images=images, expected=expected)
-    elif target == "local":
-        report = deploy_local(package, images, expected)
-    else:
-        raise ValueError(f"unknown deploy target {target!r}")
-    if report["smoke_test"]["mismatches"]:
-        raise EndpointError(f"the {target} endpoint disagreed with in-process predictions: "
-                            f"{report['smoke_test']['mismatches'][:3]}")
-    return report

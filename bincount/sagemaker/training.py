@@ -1,6 +1,6 @@
 """Train one grid point as a SageMaker training job (SageMaker Python SDK v3 ``ModelTrainer``).
 
-The ``sagemaker`` engine of the train step (see bincount.compute)::
+The ``sagemaker`` engine of the train step (see bincount.flow.compute)::
 
     write the branch's channel (train + val photos, split.csv) -> upload it to S3
     -> ModelTrainer: bincount's source with a train.py entry script, the PyTorch
@@ -39,10 +39,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping
 
-from bincount.grid import TrainConfig
-from bincount.sagemaker_endpoint import CONNECT_TIMEOUT_S, DLC_ACCOUNTS, MAX_ATTEMPTS, default_region
-from bincount.train import TrainResult
-from bincount.training_job import CHANNEL, TrainingJobError, encode_hyperparameters, load_result, write_channel
+from bincount.model.grid import TrainConfig
+from bincount.sagemaker.endpoint import CONNECT_TIMEOUT_S, DLC_ACCOUNTS, MAX_ATTEMPTS, default_region
+from bincount.model.train import TrainResult
+from bincount.sagemaker.training_job import CHANNEL, TrainingJobError, encode_hyperparameters, load_result, write_channel
 
 READ_TIMEOUT_S = 60
 UPLOAD_WORKERS = 16
@@ -66,7 +66,7 @@ ENTRY_SCRIPT = "train.py"
 ENTRY_SCRIPT_TEXT = '''"""SageMaker runs this file; the training code is the bincount package beside it."""
 import sys
 
-from bincount.training_job import main
+from bincount.sagemaker.training_job import main
 
 sys.exit(main())
 '''
@@ -286,12 +286,11 @@ def build_source_dir(dest: Path, *, install_requirements: bool = True) -> Path:
     """What the job's ``code`` channel holds: the installed bincount package (Python files
     only), the entry script, and requirements.txt. Copied from the package this process
     imports, so it is the code of this run, wherever the step runs."""
-    import bincount
+    from bincount.serving.package import library_files
 
-    def not_source(folder: str, names: list[str]) -> list[str]:
-        return [n for n in names if n == "__pycache__" or (not n.endswith(".py") and not (Path(folder) / n).is_dir())]
-
-    shutil.copytree(Path(bincount.__file__).resolve().parent, dest / "bincount", ignore=not_source)
+    for name, path in library_files():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / name)
     (dest / ENTRY_SCRIPT).write_text(ENTRY_SCRIPT_TEXT)
     if install_requirements:
         (dest / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n")
@@ -567,7 +566,7 @@ def run_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_table,
 def train_on_sagemaker(cfg: TrainConfig, images: Mapping[str, bytes], split_table, classes: list[int], *,
                        seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str,
                        poll_s: float = 30, log: Callable[[str], None] = print) -> TrainResult:
-    """What ``bincount.train.train_on_split`` returns, trained by a SageMaker training job.
+    """What ``bincount.model.train.train_on_split`` returns, trained by a SageMaker training job.
 
     ``job_prefix`` names the job and its S3 folder: make it unique per branch, e.g.
     ``f"bincount-{run_id}-{cfg.name}"``.

@@ -7,7 +7,7 @@
 ``kubernetes`` (Metaflow's ``@batch`` / ``@kubernetes`` on the steps named in
 ``steps``, by default only ``train``), or ``sagemaker`` (the train step itself
 stays where the flow runs and launches one SageMaker training job per grid point;
-see bincount.sagemaker_training). The engine's own block (``batch``,
+see bincount.sagemaker.training). The engine's own block (``batch``,
 ``kubernetes`` or ``sagemaker``) passes through to its decorator or job settings
 unchanged, so a misspelt argument fails when the flow is parsed (`show`, `run`),
 not in the cloud.
@@ -68,7 +68,7 @@ class ComputeConfig:
 
     def sagemaker_settings(self):
         """The training jobs' settings, checked (a missing role or bucket fails here, before any training)."""
-        from bincount.sagemaker_training import settings_from_config
+        from bincount.sagemaker.training import settings_from_config
 
         image = {"image_uri": self.image} if self.image else {}
         return settings_from_config({**image, **self.engine_settings})
@@ -135,10 +135,10 @@ def train_branch(compute, cfg, images: dict[str, bytes], split_table, classes: l
     Batch or Kubernetes, where this process already is the remote task) or as a SageMaker job."""
     compute = compute if isinstance(compute, ComputeConfig) else ComputeConfig.from_dict(compute)
     if compute.compute == "sagemaker":
-        from bincount.sagemaker_training import train_on_sagemaker
+        from bincount.sagemaker.training import train_on_sagemaker
 
         return train_on_sagemaker(cfg, images, split_table, classes, seed=seed,
                                   settings=compute.sagemaker_settings(), job_prefix=job_prefix)
-    from bincount.train import train_on_split
+    from bincount.model.train import train_on_split
 
     return train_on_split(cfg, images, split_table, classes, seed=seed)

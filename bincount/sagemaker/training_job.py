@@ -1,7 +1,7 @@
 """bincount's training entry point in SageMaker script mode, and the formats both sides share.
 
 SageMaker runs it in the training container (the launcher is
-bincount.sagemaker_training), from a ``train.py`` that sits beside a copy of
+bincount.sagemaker.training), from a ``train.py`` that sits beside a copy of
 the ``bincount`` package, the way SageMaker runs any script::
 
     python train.py --name a --arch resnet18 --lr 0.001 --classes "[1, 2, 3]" --seed 0 ...
@@ -26,7 +26,7 @@ It reads
 
 Run by hand::
 
-    SM_CHANNEL_TRAIN=channel SM_MODEL_DIR=model python -m bincount.training_job \\
+    SM_CHANNEL_TRAIN=channel SM_MODEL_DIR=model python -m bincount.sagemaker.training_job \\
         --name a --arch resnet18 --pretrained false --epochs 2 --classes 1,2,3
 """
 
@@ -43,8 +43,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from bincount.grid import TrainConfig
-from bincount.train import TrainResult
+from bincount.model.grid import TrainConfig
+from bincount.model.train import TrainResult
 
 CHANNEL = "train"  # the job's one data channel: SM_CHANNEL_TRAIN
 CHANNEL_ENV = f"SM_CHANNEL_{CHANNEL.upper()}"
@@ -263,7 +263,7 @@ def read_channel(channel_dir) -> tuple[dict[str, bytes], object]:
     split_path = root / SPLIT_FILE
     if not split_path.is_file():
         raise TrainingJobError(f"{split_path} not found: the channel must hold {SPLIT_FILE} and "
-                               f"{IMAGES_DIR}/<id>.jpg (see bincount.training_job.write_channel)")
+                               f"{IMAGES_DIR}/<id>.jpg (see bincount.sagemaker.training_job.write_channel)")
     rows = _split_rows(split_path)
     ids = [r[0] for r in rows]
     if len(set(ids)) != len(ids):
@@ -367,8 +367,8 @@ def run(argv: Sequence[str], environ: Mapping[str, str]) -> TrainResult | None:
     print(f"bincount training job: {cfg.name}, {len(split_table)} photos "
           f"({split_table['split'].value_counts().to_dict()}), classes {classes}, seed {seed}", flush=True)
 
-    from bincount.distributed import cleanup, world
-    from bincount.train import train_on_split
+    from bincount.model.distributed import cleanup, world
+    from bincount.model.train import train_on_split
 
     try:
         result = train_on_split(cfg, images, split_table, classes, seed=seed)

@@ -1,12 +1,12 @@
 """How a model trains: one grid point, start to finish.
 
-Photos arrive already decoded to uint8 tensors (see bincount.images), so an
+Photos arrive already decoded to uint8 tensors (see bincount.data.images), so an
 epoch costs only augmentation and the network. The weights of the epoch with
 the best validation accuracy are kept (ties: lower validation loss), which is
 early stopping without a patience knob to tune.
 
 The same code trains data-parallel under torch.distributed (torchrun and the
-launchers built on it; see bincount.distributed): each process decodes and
+launchers built on it; see bincount.model.distributed): each process decodes and
 trains on its own shard of the photos, and all of them return the same result.
 """
 
@@ -18,13 +18,14 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from bincount.distributed import (all_gather, all_reduce_sum, broadcast_buffers, init_from_env, interleave, shard,
+from bincount.model.distributed import (all_gather, all_reduce_sum, broadcast_buffers, init_from_env, interleave, shard,
                                   world)
-from bincount.grid import TrainConfig
-from bincount.images import augment_batch, normalizer
-from bincount.models import create_model, get_arch, head_name, set_train_mode
+from bincount.model.grid import TrainConfig
+from bincount.data.images import augment_batch, normalizer
+from bincount.model.architectures import create_model, get_arch, head_name
+from bincount.model.predictor import Predictor, autocast_dtype, pick_device
 
 # Set to a grid point's name to make that branch fail after its first epoch:
 # how the test suite exercises `resume`. Never set in normal use.
@@ -69,24 +70,18 @@ class TrainResult:
     val_probabilities: list = field(default_factory=list)
     val_probabilities_tta: list = field(default_factory=list)
 
+    # A train task keeps its result as three artifacts, so the Client can read a branch's
+    # curves (``history``) and scores (``scores``) without loading its weights (``state_dict``).
+    ARTIFACTS = ("scores", "history", "state_dict")
 
-def pick_device() -> str:
-    import torch
+    def to_artifacts(self) -> dict:
+        scores = {k: v for k, v in asdict(self).items() if k not in {"state_dict", "history"}}
+        return {"scores": scores, "history": self.history, "state_dict": self.state_dict}
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def autocast_dtype(precision: str, device: str):
-    """bf16 where the hardware does it natively (doubles CPU throughput there)."""
-    import torch
-
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+    @classmethod
+    def from_artifacts(cls, task) -> "TrainResult":
+        """From anything with the three artifacts as attributes: a join's input, a Task's data."""
+        return cls(**task.scores, state_dict=task.state_dict, history=task.history)
 
 
 def _batches(n: int, batch_size: int, generator=None):
@@ -97,20 +92,19 @@ def _batches(n: int, batch_size: int, generator=None):
         yield order[start:start + batch_size]
 
 
-def evaluate_tensors(model, x, y, *, mean, std, batch_size: int, device: str, dtype=None):
+def evaluate_tensors(model, x, y, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
+                     dtype=None):
     """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x``."""
     import torch
 
-    norm = normalizer(mean, std)
-    model.eval()
+    predictor = Predictor.of_network(model, arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes,
+                                     device=device, dtype=dtype)
     loss_sum, correct = 0.0, 0
-    with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        for idx in _batches(len(x), batch_size):
-            inputs = norm(x[idx]).to(device).contiguous(memory_format=torch.channels_last)
-            logits = model(inputs).float()
-            targets = y[idx].to(device)
-            loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            correct += (logits.argmax(1) == targets).sum().item()
+    for idx in _batches(len(x), batch_size):
+        logits = predictor.logits(x[idx])
+        targets = y[idx].to(device)
+        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(1) == targets).sum().item()
     return loss_sum / max(len(x), 1), correct / max(len(x), 1)
 
 
@@ -151,20 +145,13 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def unwrapped(model):
-    """The network itself, whether or not it is inside DistributedDataParallel."""
-    import torch
-
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def epoch_steps(shard_sizes: list[int], batch_size: int) -> int:
     """Optimizer steps per epoch: one pass over the smallest rank's shard. Every rank must take
     the same number of steps, or the ranks that step on wait for the others forever."""
     return math.ceil(min(shard_sizes) / batch_size)
 
 
-def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean, std, device, dtype,
+def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, device, dtype,
                     generator, progress: bool, epoch: int, criterion=None, timings: dict | None = None,
                     batch_size: int | None = None, steps: int | None = None):
     """One pass over ``x`` (or its first ``steps`` batches of ``batch_size``; default
@@ -174,11 +161,12 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, mean
     import itertools
 
     import torch
-    from bincount.progress import progress_bar
+    from bincount.data.progress import progress_bar
 
-    norm = normalizer(mean, std)
+    arch = get_arch(cfg.arch)
+    norm = normalizer(arch.mean, arch.std)
     criterion = criterion or make_loss(cfg, y, int(y.max()) + 1)
-    set_train_mode(unwrapped(model), cfg.arch, cfg.frozen_blocks)
+    model.train()  # frozen early blocks stay in eval mode (bincount.model.architectures.freeze)
     loss_sum, correct, seen = 0.0, 0, 0
     data_seconds = compute_seconds = 0.0
     batch_size = batch_size or cfg.batch_size
@@ -242,7 +230,7 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     """Train one grid point; return the best epoch's weights and every epoch's curves.
 
     In a torch.distributed process group of more than one process, each rank passes its own
-    shard of the train and validation photos (``bincount.distributed.shard``) and the model
+    shard of the train and validation photos (``bincount.model.distributed.shard``) and the model
     trains under DistributedDataParallel. ``cfg.batch_size`` stays the global batch (each rank
     takes its share), so the learning rate means what it means in one process. Every rank
     returns the same result: curves, best epoch and weights over all ranks' photos, and the
@@ -253,7 +241,6 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     rank, world_size = world()
     torch.manual_seed(seed)
     device = device or pick_device()
-    arch = get_arch(cfg.arch)
     dtype = autocast_dtype(cfg.precision, device)
     model = create_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained,
                          freeze_backbone=cfg.freeze_backbone, frozen_blocks=cfg.frozen_blocks,
@@ -288,7 +275,7 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     for epoch in range(1, cfg.epochs + 1):
         t0, cpu0, timings = time.perf_counter(), time.process_time(), {}
         train_loss, train_acc = train_one_epoch(
-            net, optimizer, scheduler, train_x, train_y, cfg=cfg, mean=arch.mean, std=arch.std,
+            net, optimizer, scheduler, train_x, train_y, cfg=cfg,
             device=device, dtype=dtype, generator=generator, progress=progress and rank == 0, epoch=epoch,
             criterion=criterion, timings=timings, batch_size=batch_size, steps=steps_per_epoch)
         train_time = time.perf_counter() - t0
@@ -296,7 +283,7 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
             broadcast_buffers(model)
         # Validation runs on the network itself, not through DDP: ranks hold different numbers
         # of validation photos, and only the collectives in ``pooled`` need to line up.
-        val_loss, val_acc = evaluate_tensors(model, val_x, val_y, mean=arch.mean, std=arch.std,
+        val_loss, val_acc = evaluate_tensors(model, val_x, val_y, cfg=cfg, num_classes=num_classes,
                                              batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
         trained = min(len(train_x), steps_per_epoch * batch_size)
         train_loss, train_acc = pooled(world_size, train_loss, train_acc, trained)
@@ -320,7 +307,7 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     result.images_per_second = cfg.epochs * images_per_epoch / result.train_seconds
     model.load_state_dict(torch.load(io.BytesIO(result.state_dict), weights_only=True))
     result.val_probabilities, result.val_probabilities_tta = validation_probabilities(
-        model, val_x, mean=arch.mean, std=arch.std, batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
+        model, val_x, cfg=cfg, num_classes=num_classes, batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
     if world_size > 1:
         # Rank r holds validation photos r, r + world_size, ...: put the whole set back in order.
         result.val_probabilities = interleave(all_gather(result.val_probabilities))
@@ -328,23 +315,20 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     return result
 
 
-def validation_probabilities(model, x, *, mean, std, batch_size: int, device: str, dtype=None):
+def validation_probabilities(model, x, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
+                             dtype=None):
     """Softmax per photo of ``x``: of the photo alone, and the mean over its four flips."""
     import torch
 
-    from bincount.inference import flip_views
-
     if not len(x):  # a rank's validation shard, when there are fewer photos than ranks
         return [], []
-    norm = normalizer(mean, std)
-    model.eval()
+    predictor = Predictor.of_network(model, arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes,
+                                     device=device, dtype=dtype)
     plain, tta = [], []
-    with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        for idx in _batches(len(x), batch_size):
-            batch = norm(x[idx]).to(device).contiguous(memory_format=torch.channels_last)
-            views = [torch.softmax(model(v).float(), 1).cpu() for v in flip_views(batch)]
-            plain.append(views[0])
-            tta.append(sum(views) / len(views))
+    for idx in _batches(len(x), batch_size):
+        [views] = predictor.view_probabilities(x[idx], views=4)
+        plain.append(views[0])
+        tta.append(sum(views) / len(views))
     return torch.cat(plain).tolist(), torch.cat(tta).tolist()
 
 
@@ -364,11 +348,11 @@ def train_on_split(cfg: TrainConfig, images: dict[str, bytes], split_table, clas
     torch.distributed variables), this process joins the group and decodes only its own shard
     of each split, rows rank, rank + world size, ... of the split table; every rank returns
     the same result. The entry point then lets rank 0 write what is written once, and calls
-    ``bincount.distributed.cleanup()``.
+    ``bincount.model.distributed.cleanup()``.
     """
     import torch
 
-    from bincount.images import decode_all
+    from bincount.data.images import decode_all
 
     distributed = init_from_env()
     rank, world_size = world()

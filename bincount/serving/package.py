@@ -2,8 +2,9 @@
 
     model.pt                  the weights (a state_dict, or {"members": [...]} for an ensemble)
     model.json                architecture, classes, image size, run id
-    code/inference.py         the handler: re-exports bincount.inference
-    code/bincount/...         this library, so the handler needs nothing else
+    code/inference.py         the handler: re-exports bincount.serving.handler
+    code/bincount/...         this whole library, subpackages included, so the handler
+                              needs nothing else
     code/requirements.txt     what the container must pip-install
 
 The local endpoint serves from the same extracted package, with ``code/`` first
@@ -13,13 +14,13 @@ on the import path, so it runs exactly the code a SageMaker endpoint would.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
 import bincount
+from bincount.model.metadata import ModelMeta
 
-HANDLER = "from bincount.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401\n"
+HANDLER = "from bincount.serving.handler import input_fn, model_fn, output_fn, predict_fn  # noqa: F401\n"
 REQUIREMENTS = "efficientnet-lite-pytorch==0.1.0\ntorchvision\npillow\ntqdm\n"
 
 
@@ -30,17 +31,25 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def build_package(state_dict: bytes, meta: dict) -> bytes:
+def library_files() -> list[tuple[str, Path]]:
+    """Every Python file of the bincount package this process imports, as (path relative to
+    the folder that holds ``bincount/``, file), subpackages included: what a container needs
+    to import the same code. Walked, not listed, so a new subpackage can never drop out."""
+    library = Path(bincount.__file__).resolve().parent
+    return [(path.relative_to(library.parent).as_posix(), path) for path in sorted(library.rglob("*.py"))
+            if "__pycache__" not in path.parts]
+
+
+def build_package(state_dict: bytes, meta: ModelMeta | dict) -> bytes:
     """The model.tar.gz bytes for a model's weights and metadata."""
     buf = io.BytesIO()
-    library = Path(bincount.__file__).parent
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         _add_bytes(tar, "model.pt", state_dict)
-        _add_bytes(tar, "model.json", json.dumps(meta, indent=2).encode())
+        _add_bytes(tar, "model.json", ModelMeta.from_dict(meta).to_json().encode())
         _add_bytes(tar, "code/inference.py", HANDLER.encode())
         _add_bytes(tar, "code/requirements.txt", REQUIREMENTS.encode())
-        for path in sorted(library.glob("*.py")):
-            _add_bytes(tar, f"code/bincount/{path.name}", path.read_bytes())
+        for name, path in library_files():
+            _add_bytes(tar, f"code/{name}", path.read_bytes())
     return buf.getvalue()
 
 

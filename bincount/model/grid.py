@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from bincount.models import get_arch
+from bincount.model.architectures import get_arch
+from bincount.model.metadata import DECISIONS
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class TrainConfig:
     backbone_lr_factor: float = 1.0
 
     def __post_init__(self):
-        get_arch(self.arch)
+        arch = get_arch(self.arch)
+        if self.frozen_blocks and arch.blocks is None:
+            raise ValueError(f"grid point {self.name!r}: {self.arch} has no known blocks to freeze; "
+                             "set frozen_blocks to 0")
         if self.precision not in {"auto", "fp32", "bf16"}:
             raise ValueError(f"grid point {self.name!r}: precision must be auto, fp32 or bf16")
         for key in ("lr", "batch_size", "epochs", "image_size", "backbone_lr_factor"):
@@ -58,9 +62,6 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-DECISIONS = ("argmax", "expected")
 
 
 @dataclass(frozen=True)

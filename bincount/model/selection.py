@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bincount.model.metadata import Member, ModelMeta
+from bincount.model.predictor import decide, ensemble_state
+
 
 def rank_key(result) -> tuple[float, float]:
     """Best validation accuracy first; ties go to the lower validation loss."""
@@ -33,7 +36,7 @@ def results_table(results: list):
 @dataclass
 class Choice:
     members: list  # TrainResults, best first
-    state: bytes  # model.pt for bincount.inference.load_predictor
+    state: bytes  # model.pt for bincount.serving.handler.load_predictor
     meta: dict  # model.json, less what only the flow knows (classes, run id)
     val_accuracy: float  # of the served combination (members, TTA) on the validation split
 
@@ -52,24 +55,23 @@ def combined_accuracy(members: list, val_labels: list[int], *, tta: bool, classe
     (``val_labels`` are class indices; ``classes`` the counts they stand for)."""
     import numpy as np
 
-    from bincount.inference import decide
-
     probabilities = np.mean([r.val_probabilities_tta if tta else r.val_probabilities for r in members], axis=0)
     classes = classes or list(range(probabilities.shape[1]))
     answers = [decide(p, classes, decision) for p in probabilities.tolist()]
     return float(np.mean(np.asarray(answers) == np.asarray(val_labels)))
 
 
-def choose_model(results: list, select, val_labels: list[int], classes: list[int] | None = None) -> Choice:
-    """What the join serves, per the grid's ``select`` (a :class:`bincount.grid.SelectConfig`)."""
-    from bincount.inference import ensemble_state
-
+def choose_model(results: list, select, val_labels: list[int], classes: list[int] | None = None, *,
+                 flow: str | None = None, run_id: str | None = None) -> Choice:
+    """What the join serves, per the grid's ``select`` (a :class:`bincount.model.grid.SelectConfig`),
+    with the model's metadata. ``classes`` default to the output indices."""
     members = choose_members(results, select.ensemble)
     best = members[0]
-    meta = {"arch": best.config["arch"], "image_size": best.config["image_size"],
-            "grid_point": best.config["name"], "tta": select.tta, "decision": select.decision,
-            "members": [{"arch": r.config["arch"], "grid_point": r.config["name"]} for r in members]}
     accuracy = combined_accuracy(members, val_labels, tta=select.tta, classes=classes, decision=select.decision)
-    meta["val_accuracy"] = accuracy
+    meta = ModelMeta(arch=best.config["arch"], image_size=best.config["image_size"],
+                     classes=classes or list(range(len(best.val_probabilities[0]))),
+                     members=tuple(Member(r.config["arch"], r.config["name"]) for r in members),
+                     grid_point=best.config["name"], tta=select.tta, decision=select.decision,
+                     val_accuracy=accuracy, flow=flow, run_id=run_id)
     return Choice(members=members, state=ensemble_state([r.state_dict for r in members]), meta=meta,
                   val_accuracy=accuracy)

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Callable, Mapping
 
-from bincount.deploy import EndpointError
+from bincount.model.metadata import ModelMeta
+from bincount.serving.endpoint import EndpointError
 
 EXAMPLE_CONFIG = "flows/deploy/sagemaker.example.json"
 REQUIRED_KEYS = ("role_arn", "bucket")
 SMOKE_CONTENT_TYPES = ("image/jpeg", "application/json")
 
-# Same budget as bincount.sources: an endpoint that does not answer surfaces
+# Same budget as bincount.data.sources: an endpoint that does not answer surfaces
 # within a minute instead of after botocore's long default retries.
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60  # an invocation of a cold endpoint can take a while
@@ -333,7 +334,7 @@ def smoke_test_sagemaker(runtime, endpoint_name: str, images: Mapping[str, bytes
 
 # --- the whole deployment -----------------------------------------------------
 
-def deploy_to_sagemaker(package: bytes, meta: dict, target: SageMakerTarget, *,
+def deploy_to_sagemaker(package: bytes, meta: ModelMeta | dict, target: SageMakerTarget, *,
                         smoke_images: Mapping[str, bytes] | None = None, expected: Mapping[str, dict] | None = None,
                         sagemaker_client=None, s3_client=None, runtime_client=None, poll_s: float = 15,
                         log: Callable[[str], None] = print) -> dict:
@@ -341,7 +342,7 @@ def deploy_to_sagemaker(package: bytes, meta: dict, target: SageMakerTarget, *,
 
     Mismatches are reported, not raised: the caller decides (the flow fails the run).
     """
-    run_id = str(meta.get("run_id") or "")
+    run_id = str(ModelMeta.from_dict(meta).run_id or "")
     if not run_id:
         raise ValueError("meta has no run_id: it names the S3 key, the model and the endpoint config")
     clients = make_clients(target.region) if None in (sagemaker_client, s3_client, runtime_client) else {}

@@ -1,0 +1,81 @@
+"""Deploy targets and promotion.
+
+``deploy`` sends a packaged model to ``local`` (bincount.serving.endpoint) or
+``sagemaker`` (bincount.sagemaker.endpoint) and refuses an endpoint that disagrees
+with the in-process predictions. ``promote`` is the flow's whole deploy step: the
+champion gate, the package, the deployment and the champion tag, as one decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from bincount.flow.champion import ChampionDecision
+from bincount.model.metadata import ModelMeta
+from bincount.serving.endpoint import EndpointError, deploy_local
+
+
+def deploy(target: str, package: bytes, meta: ModelMeta | dict, images: dict[str, bytes], expected: dict[str, dict],
+           config: dict | None = None) -> dict:
+    """Deploy ``package`` to ``target`` (``local`` or ``sagemaker``) and smoke-test it.
+
+    Raises EndpointError when the endpoint answers differently from the
+    in-process predictions in ``expected``.
+    """
+    if target == "sagemaker":
+        from bincount.sagemaker.endpoint import SageMakerTarget, deploy_to_sagemaker
+
+        report = deploy_to_sagemaker(package, meta, SageMakerTarget.from_config(config or {}),
+                                     smoke_images=images, expected=expected)
+    elif target == "local":
+        report = deploy_local(package, images, expected)
+    else:
+        raise ValueError(f"unknown deploy target {target!r}")
+    if report["smoke_test"]["mismatches"]:
+        raise EndpointError(f"the {target} endpoint disagreed with in-process predictions: "
+                            f"{report['smoke_test']['mismatches'][:3]}")
+    return report
+
+
+SMOKE_TEST_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the deploy step decided and did."""
+
+    target: str
+    decision: ChampionDecision | None  # the champion gate's; None when the target is "none"
+    deployment: dict  # {"target": ...}, and once deployed the target's report and "replaced"
+    package: bytes | None = None  # model.tar.gz, when it was deployed
+
+    @property
+    def deployed(self) -> bool:
+        return bool(self.decision and self.decision.deploy)
+
+
+def promote(target: str, *, run_id: str, state: bytes, meta: ModelMeta | dict, test_images: Mapping[str, bytes],
+            test_labels: list[int], test_predictions: Mapping[str, dict], new_accuracy: float,
+            force: bool = False, config: dict | None = None) -> Promotion:
+    """Deploy a run's model to ``target`` if it beats the target's champion on the run's own
+    test split (``test_images`` and ``test_labels`` in the same order), smoke-test the endpoint
+    against ``test_predictions`` (the in-process answers), and crown the run."""
+    from bincount.flow.champion import crown, gate
+    from bincount.serving.package import build_package
+
+    if target == "none":
+        return Promotion(target, None, {"target": target})
+    meta = ModelMeta.from_dict(meta)
+    decision = gate(target, run_id=run_id, classes=meta.classes, new_accuracy=new_accuracy,
+                    test_images=list(test_images.values()), test_labels=test_labels, force=force)
+    print(f"champion gate: {decision.to_dict()}")
+    if not decision.deploy:
+        return Promotion(target, decision, {"target": target})
+    package = build_package(state, meta)
+    ids = list(test_predictions)[:SMOKE_TEST_IMAGES]
+    report = deploy(target, package, meta, {i: test_images[i] for i in ids}, {i: test_predictions[i] for i in ids},
+                    config)
+    deployment = {"target": target, **report, "replaced": crown(run_id, target)}
+    print(f"deployed to {target}: {deployment['smoke_test']}")
+    return Promotion(target, decision, deployment, package)
