@@ -14,7 +14,7 @@ layers listed above it, never one below (tests/test_layers.py checks):
 Only ``flow`` (and ``audit`` and ``cli`` above it) import Metaflow.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: the library in layers (module paths changed)
 
 # Metaflow's code package then carries this whole library with the flow, so a
 # step on AWS Batch or Kubernetes imports the same bincount as the launching

@@ -1,7 +1,4 @@
-"""``bincount``: serve, query and score the models the flow trains.
-
-Training itself is the flow: ``python flows/bin_flow.py run --help``.
-"""
+"""The bincount command: serve, query, score and audit the models the flow trains."""
 
 from __future__ import annotations
 
@@ -10,6 +7,8 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+
+from bincount import __version__
 
 
 def _cmd_serve(args) -> int:
@@ -115,14 +114,21 @@ def _audit(args) -> int:
     return 1 if report.flagged() else 0
 
 
+# argparse prints this as it is: plain text, not the docstring's reStructuredText.
+DESCRIPTION = """\
+Serve, query, score and audit the models that the bincount flow trains.
+Training itself is the flow: python flows/bin_flow.py run --help"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bincount.data.fetch import DEFAULT_WORKERS
     from bincount.serving.server import add_server_arguments
 
     parser = argparse.ArgumentParser(
-        prog="bincount", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="bincount", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Runs are read from the Metaflow datastore this shell points at "
                "(METAFLOW_DATASTORE_SYSROOT_LOCAL or the S3 datastore).")
+    parser.add_argument("--version", action="version", version=f"bincount {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a run's model on SageMaker's protocol (GET /ping, POST /invocations)")
