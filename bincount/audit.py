@@ -233,13 +233,12 @@ def threshold_from_predictions(labels: list[int], predictions: list[dict], class
 
 def validation_set(run) -> tuple[list[bytes], list[int]]:
     """The photos and (correct) counts of a BinCountFlow run's validation split."""
-    data = run.data
-    table = data.split_table
-    val = table[table["split"] == "val"]
-    if val.empty:
+    from bincount.flow.runs import split_photos
+
+    images, labels = split_photos(run, "val")
+    if not images:
         raise ValueError(f"run {run.pathspec} has no validation bins to choose a threshold on")
-    images = data.images
-    return [images[i] for i in val["id"]], [int(x) for x in val["label"]]
+    return images, labels
 
 
 def threshold_for_run(run, predictor, *, target_precision: float = DEFAULT_TARGET_PRECISION,

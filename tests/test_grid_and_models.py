@@ -109,3 +109,48 @@ def test_a_download_that_hangs_is_cut_off(monkeypatch):
         assert time.monotonic() - started < 10
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite1_and_lite2_imagenet_weights_load_offline(arch):
+    import torch
+
+    fresh = models.create_model(arch, num_classes=5, pretrained=False, image_size=64)
+    loaded = models.create_model(arch, num_classes=5, pretrained=True, image_size=64)
+    assert not torch.equal(fresh._conv_stem.weight, loaded._conv_stem.weight)
+    with torch.inference_mode():
+        assert loaded.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("arch, head", [("convnext_tiny", "classifier.2"), ("regnet_y_400mf", "fc"),
+                                        ("vit_b_16", "heads.head"), ("resnet101", "fc")])
+def test_torchvision_models_are_one_grid_key_away(arch, head):
+    """Any classification model in torchvision's registry, by name, with its head found and replaced."""
+    import torch
+
+    record = models.get_arch(arch)
+    assert record.head == head and record.mean == models.IMAGENET_MEAN
+    TrainConfig(name="p", arch=arch, pretrained=False)  # a valid grid point
+    model = models.create_model(arch, num_classes=6, image_size=64).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 6)
+    assert [n for n, _ in model.named_parameters()][-2:] == [f"{head}.weight", f"{head}.bias"]
+
+
+def test_frozen_blocks_are_refused_where_the_blocks_are_unknown():
+    with pytest.raises(ValueError, match="convnext_tiny has no known blocks to freeze"):
+        expand_grid({"points": [{"name": "a", "arch": "convnext_tiny", "frozen_blocks": 2}]})
+    assert models.get_arch("resnext50_32x4d").blocks is not None  # the ResNet family's stages are known
+
+
+def test_torchvision_weights_that_cannot_download_fail_clearly(monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import free_port
+
+    monkeypatch.setattr(models, "_torchvision_weights",
+                        lambda name: SimpleNamespace(url=f"http://127.0.0.1:{free_port()}/{name}.pth"))
+    started = time.monotonic()
+    with pytest.raises(models.PretrainedWeightsUnavailable, match="convnext_tiny.*efficientnet_lite0"):
+        models.create_model("convnext_tiny", num_classes=5, pretrained=True)
+    assert time.monotonic() - started < 30

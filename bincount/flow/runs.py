@@ -35,6 +35,14 @@ def model_of(run) -> tuple[bytes, ModelMeta]:
     return data.model_state, ModelMeta.from_dict(data.model_meta, where=f"{run.pathspec} model_meta")
 
 
+def split_photos(run, split: str) -> tuple[list[bytes], list[int]]:
+    """The photos and counts of one split (train, val or test) of a run, in split-table order."""
+    data = run.data
+    rows = data.split_table[data.split_table["split"] == split]
+    images = data.images
+    return [images[i] for i in rows["id"]], [int(x) for x in rows["label"]]
+
+
 def predictor_of(run):
     from bincount.model.predictor import load_predictor
 

@@ -41,6 +41,13 @@ def autocast_dtype(precision: str, device: str):
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
 
 
+def autocast(device: str, dtype):
+    """Mixed precision for a forward pass: ``dtype`` from ``autocast_dtype``, or None for fp32."""
+    import torch
+
+    return torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def flip_views(batch) -> list:
     """The batch and its horizontal, vertical and double flips: four views, one count."""
     return [batch, batch.flip(3), batch.flip(2), batch.flip(2, 3)]
@@ -92,8 +99,7 @@ class Predictor:
     def _forward(self):
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype or torch.bfloat16,
-                                                    enabled=self.dtype is not None):
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             yield
 
     def _inputs(self, k: int, images):

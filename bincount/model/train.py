@@ -25,7 +25,7 @@ from bincount.model.distributed import (all_gather, all_reduce_sum, broadcast_bu
 from bincount.model.grid import TrainConfig
 from bincount.data.images import augment_batch, normalizer
 from bincount.model.architectures import create_model, get_arch, head_name
-from bincount.model.predictor import Predictor, autocast_dtype, pick_device
+from bincount.model.predictor import Predictor, autocast, autocast_dtype, pick_device
 
 # Set to a grid point's name to make that branch fail after its first epoch:
 # how the test suite exercises `resume`. Never set in normal use.
@@ -179,7 +179,7 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, devi
         inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
         targets = y[idx].to(device)
         t1 = time.perf_counter()
-        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = model(inputs)
         loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
