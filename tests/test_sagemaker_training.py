@@ -363,7 +363,7 @@ def test_launch_configures_the_job_and_uploads_only_train_and_val(aws, tiny_data
     # The code: bincount itself, the entry script and what the container must pip install;
     # two instances run it under torchrun.
     code = objects(s3, f"{branch}/{launched.name}/input/code/")
-    assert {"train.py", "requirements.txt", "bincount/training_job.py", "bincount/train.py"} <= set(code)
+    assert {"train.py", "requirements.txt", "bincount/sagemaker/training_job.py", "bincount/model/train.py"} <= set(code)
     assert not any("__pycache__" in k for k in code)
     assert code["requirements.txt"].decode().split() == list(CONTAINER_REQUIREMENTS)
     drivers = objects(s3, f"{branch}/{launched.name}/input/sm_drivers/")
@@ -540,7 +540,7 @@ def test_settings_defaults():
 def test_default_image_matches_the_sdk_image_table(region, instance_type):
     from sagemaker.core import image_uris
 
-    from bincount.sagemaker.training import DLC_PYTHON, DLC_VERSION
+    from bincount.aws.containers import DLC_PYTHON, DLC_VERSION
 
     want = image_uris.retrieve(framework="pytorch", region=region, version=DLC_VERSION, py_version=DLC_PYTHON,
                                instance_type=instance_type, image_scope="training")

@@ -18,14 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from bincount.aws.clients import client_config
 from bincount.data.layout import METADATA_DIR, PUBLIC_BUCKET
 
-# Fail fast: an endpoint that does not answer must surface within a minute,
-# not after botocore's default of many long retries. Standard retry mode backs
-# off exponentially with jitter; 4 attempts of 5 s connects stay under 60 s.
-CONNECT_TIMEOUT_S = 5
-READ_TIMEOUT_S = 20
-MAX_ATTEMPTS = 4
+READ_TIMEOUT_S = 20  # one photo or one listing page; longer is a stalled endpoint
 
 
 class SourceUnreachable(RuntimeError):
@@ -99,8 +95,6 @@ class S3Source(Source):
 
     def __init__(self, url: str, *, max_pool_connections: int = 32, endpoint_url: str | None = None):
         import boto3
-        from botocore import UNSIGNED
-        from botocore.config import Config
 
         self.url = url.rstrip("/")
         bucket_and_prefix = self.url[len("s3://"):]
@@ -110,13 +104,8 @@ class S3Source(Source):
         # The public dataset is read anonymously; a private bucket (or a test
         # server) is read with whatever credentials boto3 finds.
         anonymous = self.url.startswith(PUBLIC_BUCKET) or session.get_credentials() is None
-        config = Config(
-            connect_timeout=CONNECT_TIMEOUT_S,
-            read_timeout=READ_TIMEOUT_S,
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-            max_pool_connections=max_pool_connections,
-            signature_version=UNSIGNED if anonymous else None,
-        )
+        config = client_config(read_timeout_s=READ_TIMEOUT_S, max_pool_connections=max_pool_connections,
+                               unsigned=anonymous)
         # boto3 itself honours AWS_ENDPOINT_URL; the argument is for callers
         # that point at a server explicitly.
         self.client = session.client("s3", config=config, endpoint_url=endpoint_url,

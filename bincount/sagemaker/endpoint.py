@@ -21,13 +21,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
+from functools import partial
 from typing import Callable, Mapping
 
+from bincount.aws.clients import default_region, session
+from bincount.aws.containers import inference_image_uri
+from bincount.aws.errors import AwsError, aws_call
+from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.metadata import ModelMeta
 from bincount.serving.endpoint import EndpointError
 
@@ -35,19 +39,7 @@ EXAMPLE_CONFIG = "flows/deploy/sagemaker.example.json"
 REQUIRED_KEYS = ("role_arn", "bucket")
 SMOKE_CONTENT_TYPES = ("image/jpeg", "application/json")
 
-# Same budget as bincount.data.sources: an endpoint that does not answer surfaces
-# within a minute instead of after botocore's long default retries.
-CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60  # an invocation of a cold endpoint can take a while
-MAX_ATTEMPTS = 4
-
-# AWS Deep Learning Containers live in account 763104351884 in most regions;
-# these regions use their own registry (from the sagemaker SDK's image table).
-# Elsewhere, set image_uri explicitly.
-DLC_ACCOUNTS = {"af-south-1": "626614931356", "ap-east-1": "871362719292", "ap-northeast-3": "364406365360",
-                "eu-south-1": "692866216735", "me-south-1": "217643126080", "us-gov-west-1": "442386744353",
-                "cn-north-1": "727897471807", "cn-northwest-1": "727897471807"}
-DEFAULT_IMAGE = "{account}.dkr.ecr.{region}.{domain}/pytorch-inference:2.6.0-cpu-py312"
 
 # SageMaker resource names: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}
 NAME_MAX = 63
@@ -57,17 +49,8 @@ IN_PROGRESS = {"Creating", "Updating", "SystemUpdating", "RollingBack"}
 FAILED = {"Failed", "UpdateRollbackFailed", "OutOfService", "Deleting"}
 
 
-class SageMakerDeployError(EndpointError):
+class SageMakerDeployError(EndpointError, AwsError):
     """Deployment to SageMaker failed; the message says where and what to do."""
-
-
-def default_region() -> str:
-    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-
-
-def default_image_uri(region: str) -> str:
-    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return DEFAULT_IMAGE.format(account=DLC_ACCOUNTS.get(region, "763104351884"), region=region, domain=domain)
 
 
 @dataclass(frozen=True)
@@ -88,7 +71,7 @@ class SageMakerTarget:
 
     def __post_init__(self):
         if not self.image_uri:  # frozen: fill the default the only way allowed
-            object.__setattr__(self, "image_uri", default_image_uri(self.region))
+            object.__setattr__(self, "image_uri", inference_image_uri(self.region))
         object.__setattr__(self, "prefix", self.prefix.strip("/"))
 
     @classmethod
@@ -111,13 +94,9 @@ class SageMakerTarget:
 def _check_values(config: dict) -> None:
     """Catch mistakes here, before training, rather than in the SageMaker API after it."""
     for key, value in config.items():
-        if isinstance(value, str) and "REPLACE" in value:
-            raise ValueError(f"{key} in the deploy config is still the example's placeholder: {value!r}")
-    if not re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", str(config["role_arn"])):
-        raise ValueError(f"role_arn {config['role_arn']!r} is not an IAM role ARN "
-                         "(arn:aws:iam::<account>:role/<name>, a role SageMaker may assume)")
-    if str(config["bucket"]).startswith("s3://") or "/" in str(config["bucket"]):
-        raise ValueError(f"bucket {config['bucket']!r}: give the bare bucket name; put any path in 'prefix'")
+        check_not_placeholder(value, f"{key} in the deploy config")
+    check_role_arn(config["role_arn"], "role_arn")
+    check_bucket_name(config["bucket"], "prefix")
     if "endpoint_name" in config and not NAME_RE.match(str(config["endpoint_name"])):
         raise ValueError(f"endpoint_name {config['endpoint_name']!r}: up to {NAME_MAX} letters, digits and "
                          "hyphens, starting with a letter or digit")
@@ -152,34 +131,12 @@ def resource_name(endpoint_name: str, run_id: str, stamp: str | None = None) -> 
 
 
 def make_clients(region: str) -> dict:
-    """boto3 clients with bounded timeouts and retries; AWS_ENDPOINT_URL is honoured by boto3 itself."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
-    session = boto3.Session(region_name=region)
-    return {name: session.client(name, config=config) for name in ("s3", "sagemaker", "sagemaker-runtime")}
+    """The deployment's boto3 clients, with bincount's bounded timeouts and retries."""
+    aws = session(region, read_timeout_s=READ_TIMEOUT_S)
+    return {name: aws.client(name) for name in ("s3", "sagemaker", "sagemaker-runtime")}
 
 
-def _aws_call(what: str, fn: Callable, **kwargs):
-    """Call the AWS API; turn network, credential and API errors into one clear SageMakerDeployError."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-    try:
-        return fn(**kwargs)
-    except NoCredentialsError as e:
-        raise SageMakerDeployError(f"{what}: no AWS credentials found ({e}). Configure them (aws configure, "
-                                   "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).") from e
-    except ClientError as e:
-        error = e.response.get("Error", {})
-        message = str(error.get("Message") or e)[:500]  # a proxy's HTML error page can be long
-        raise SageMakerDeployError(f"{what} failed: {error.get('Code')}: {message}") from e
-    except BotoCoreError as e:  # connection refused, timeouts, DNS: the endpoint is unreachable
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        raise SageMakerDeployError(f"{what}: cannot reach AWS ({e})"
-                                   + (f"; AWS_ENDPOINT_URL is {endpoint}" if endpoint else "")
-                                   + ". Check the network and region.") from e
+_aws_call = partial(aws_call, error_type=SageMakerDeployError)
 
 
 # --- the steps -------------------------------------------------------------------

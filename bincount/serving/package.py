@@ -18,10 +18,11 @@ import tarfile
 from pathlib import Path
 
 import bincount
+from bincount.aws.containers import INFERENCE_REQUIREMENTS, requirements_txt
 from bincount.model.metadata import ModelMeta
 
 HANDLER = "from bincount.serving.handler import input_fn, model_fn, output_fn, predict_fn  # noqa: F401\n"
-REQUIREMENTS = "efficientnet-lite-pytorch==0.1.0\ntorchvision\npillow\ntqdm\n"
+REQUIREMENTS = requirements_txt(INFERENCE_REQUIREMENTS)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -53,9 +54,35 @@ def build_package(state_dict: bytes, meta: ModelMeta | dict) -> bytes:
     return buf.getvalue()
 
 
+def extract_archive(source: bytes | Path, dest: str | Path) -> Path:
+    """Unpack a .tar.gz (its bytes, or a file) into ``dest``, refusing entries that would
+    land or link outside it: the archive may come from S3, written by someone else."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with _open_archive(source) as tar:
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+
+            tar.extractall(dest, filter="data")
+        else:
+            _refuse_unsafe_members(tar, dest)
+            tar.extractall(dest)
+    return dest
+
+
+def _open_archive(source: bytes | Path) -> tarfile.TarFile:
+    if isinstance(source, bytes):
+        return tarfile.open(fileobj=io.BytesIO(source), mode="r:gz")
+    return tarfile.open(source, "r:gz")
+
+
+def _refuse_unsafe_members(tar: tarfile.TarFile, dest: Path) -> None:
+    """What the 'data' filter refuses, for Pythons that lack it: anything but plain files
+    and folders, and anything outside ``dest``."""
+    root = dest.resolve()
+    for member in tar.getmembers():
+        if not (member.isfile() or member.isdir()) or not (root / member.name).resolve().is_relative_to(root):
+            raise tarfile.TarError(f"refusing entry {member.name!r}")
+
+
 def extract_package(package: bytes, model_dir: str | Path) -> Path:
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(package), mode="r:gz") as tar:
-        tar.extractall(model_dir, filter="data")  # 'data' refuses absolute paths and links out
-    return model_dir
+    """Unpack :func:`build_package`'s bytes into ``model_dir``, as SageMaker does into /opt/ml/model."""
+    return extract_archive(package, model_dir)
