@@ -226,8 +226,8 @@ def main(argv=None) -> int:
     import torch
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    from bincount.model.grid import expand_grid, select_config
     from bincount.data.images import decode_all
+    from bincount.model.grid import expand_grid, select_config
 
     grid = json.loads(args.grid.read_text())
     configs = [replace(cfg, **dict(args.overrides)) for cfg in expand_grid(grid)]

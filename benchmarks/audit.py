@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from bincount import audit
-    from bincount.flow.runs import predictor_of
     from bincount.data.sources import LocalSource
+    from bincount.flow.runs import predictor_of
 
     started = time.monotonic()
     run = audit.choose_model_run(args.run)

@@ -67,9 +67,9 @@ def cores() -> int:
 def write_job(folder: Path, args) -> dict:
     """Pickle the recipe, the photos and their split into ``folder`` for the workers; return a summary."""
     import pandas as pd
+    from accuracy import CLASSES, load_dataset
     from sklearn.model_selection import train_test_split
 
-    from accuracy import CLASSES, load_dataset
     from bincount.model.grid import expand_grid
 
     recipe = replace(expand_grid(json.loads(args.grid.read_text()))[0], epochs=args.epochs)

@@ -12,8 +12,8 @@ from bincount import __version__
 
 
 def _cmd_serve(args) -> int:
-    from bincount.serving.package import build_package, extract_package
     from bincount.flow.runs import get_run, model_of
+    from bincount.serving.package import build_package, extract_package
     from bincount.serving.server import serve_with_arguments
 
     run = get_run(args.run)
@@ -56,9 +56,9 @@ def _cmd_predict(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from bincount.data.fetch import fetch_subset, read_file_list
-    from bincount.model.metrics import count_metrics
-    from bincount.flow.runs import get_run, predictor_of
     from bincount.data.sources import open_source
+    from bincount.flow.runs import get_run, predictor_of
+    from bincount.model.metrics import count_metrics
 
     run = get_run(args.run)
     predictor = predictor_of(run)
@@ -78,8 +78,8 @@ def _cmd_audit(args) -> int:
     """0: nothing flagged; 1: some bin flagged; 2: error."""
     import traceback
 
-    from bincount.flow.runs import RunNotFound
     from bincount.data.sources import SourceUnreachable
+    from bincount.flow.runs import RunNotFound
 
     try:
         return _audit(args)
@@ -92,8 +92,8 @@ def _cmd_audit(args) -> int:
 
 def _audit(args) -> int:
     from bincount import audit
-    from bincount.flow.runs import predictor_of
     from bincount.data.sources import open_source
+    from bincount.flow.runs import predictor_of
 
     ids = audit.read_ids(args.ids) if args.ids else None
     run = audit.choose_model_run(args.run)
@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bincount.flow.runs import RunNotFound
     from bincount.data.sources import SourceUnreachable
+    from bincount.flow.runs import RunNotFound
 
     args = build_parser().parse_args(argv)
     try:

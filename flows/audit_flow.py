@@ -88,8 +88,8 @@ class AuditFlow(FlowSpec):
     @step
     def join(self, inputs):
         """One report from every shard: written to --out and kept as artifacts."""
-        from bincount.audit import AuditPart, Threshold, combine, render_html, rows_table, summary_line, to_csv
-        from bincount.audit import write_report
+        from bincount.audit import (AuditPart, Threshold, combine, render_html, rows_table, summary_line, to_csv,
+                                    write_report)
 
         self.merge_artifacts(inputs, exclude=["rows", "thumbnails"])
         report = combine([AuditPart(inp.rows, inp.thumbnails) for inp in inputs],

@@ -61,8 +61,8 @@ class BinCountFlow(FlowSpec):
     @step
     def start(self):
         """Validate every option before any download or training starts."""
-        from bincount.flow.compute import ComputeConfig
         from bincount.data.fetch import parse_classes
+        from bincount.flow.compute import ComputeConfig
         from bincount.model.grid import expand_grid
 
         if self.deploy_target not in DEPLOY_TARGETS:

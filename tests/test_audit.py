@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATASTORE, REPO, metadata, write_tree
 
 from bincount import audit
 from bincount.audit import AuditPart, combine, flag_score, is_flagged, p_record_wrong
+
+from conftest import DATASTORE, REPO, metadata, write_tree
 
 CLASSES = [1, 2, 3, 4, 5]
 
@@ -103,8 +104,8 @@ def odd_folder(tmp_path_factory, synthetic_jpegs):
 
 
 def test_counts_outside_the_classes_are_not_judged_and_bad_objects_are_listed(odd_folder, tiny_model):
-    from bincount.model.predictor import load_predictor
     from bincount.data.sources import LocalSource
+    from bincount.model.predictor import load_predictor
 
     predictor = load_predictor(*tiny_model)
     ids = ["ok-a", "zero", "text", "seven", "malformed", "nometa", "ok-b"]

@@ -7,9 +7,10 @@ import os
 import re
 
 import pytest
-from conftest import DATASTORE, REPO
 
 from bincount.flow import cards
+
+from conftest import DATASTORE, REPO
 
 NOTEBOOK = REPO / "notebooks" / "inspect_runs.ipynb"
 

@@ -11,10 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DATASTORE, FLOW, REPO, resume_flow, run_flow
 
 from bincount.flow.compute import ComputeConfig
 from bincount.model.train import FAIL_ENV
+
+from conftest import DATASTORE, FLOW, REPO, resume_flow, run_flow
 
 EXAMPLES = REPO / "flows" / "compute"
 
@@ -120,11 +121,10 @@ def test_the_flow_runs_and_resumes_on_the_s3_datastore(s3_endpoint, s3_client, m
 
 
 def check_s3_run(run, failed_run, s3_endpoint, env, s3_client, monkeypatch):
-    import torch
-
     # This process reads the artifacts back from the same server: Metaflow's
     # config was read at import, so point its S3 client (and its s3op workers) there.
     import metaflow.metaflow_config as mf_config
+    import torch
 
     monkeypatch.setitem(mf_config.DATATOOLS_CLIENT_PARAMS, "endpoint_url", s3_endpoint)
     for key, value in env.items():

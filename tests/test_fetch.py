@@ -1,10 +1,11 @@
 import json
 
 import pytest
-from conftest import metadata, write_tree
 
 from bincount.data.fetch import BadInput, check_image, fetch_subset, parse_classes, parse_label, read_file_list
 from bincount.data.sources import open_source
+
+from conftest import metadata, write_tree
 
 
 @pytest.mark.parametrize("spec,expected", [("1-5", [1, 2, 3, 4, 5]), ("0-5", [0, 1, 2, 3, 4, 5]),

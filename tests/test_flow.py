@@ -8,9 +8,10 @@ import time
 
 import pytest
 import requests
-from conftest import free_port, resume_flow, run_flow, sample_files, upload_tree
 
 from bincount.model.train import FAIL_ENV
+
+from conftest import free_port, resume_flow, run_flow, sample_files, upload_tree
 
 pytestmark = pytest.mark.flow
 

@@ -4,9 +4,10 @@ that would change which run is the latest)."""
 import json
 
 import pytest
-from conftest import run_flow
 
 from bincount.flow.champion import champion_tag, current_champion
+
+from conftest import run_flow
 
 pytestmark = pytest.mark.flow
 

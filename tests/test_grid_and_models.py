@@ -4,10 +4,11 @@ import threading
 import time
 
 import pytest
-from conftest import REPO
 
 from bincount.model import architectures as models
 from bincount.model.grid import SelectConfig, TrainConfig, expand_grid, select_config
+
+from conftest import REPO
 
 
 def test_default_grid_is_valid_and_runs_offline():

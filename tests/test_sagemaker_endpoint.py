@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, wait_for_port
 
-from bincount.serving.package import build_package
 from bincount.sagemaker.endpoint import (NAME_RE, SageMakerDeployError, SageMakerTarget, deploy_to_sagemaker,
                                          make_clients, resource_name, smoke_test_sagemaker, wait_in_service)
+from bincount.serving.package import build_package
+
+from conftest import free_port, wait_for_port
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "flows" / "deploy" / "sagemaker.example.json"
 ROLE = "arn:aws:iam::123456789012:role/bincount-tests"

@@ -30,13 +30,14 @@ from pathlib import Path
 import pytest
 
 from bincount.model.grid import TrainConfig
-from bincount.sagemaker.training import (CONTAINER_REQUIREMENTS, NAME_BASE_MAX, SageMakerTrainingError,
-                                         SageMakerTrainingSettings, aws_session, build_source_dir,
-                                         finish_training_job, job_base_name, launch_training_job,
-                                         settings_from_config, train_on_sagemaker, wait_for_job)
 from bincount.model.train import TrainResult
-from bincount.sagemaker.training_job import (TrainingJobError, encode_hyperparameters, hyperparameters_from_args, load_result,
-                                   parse_hyperparameters, read_channel, save_result, write_channel)
+from bincount.sagemaker.training import (CONTAINER_REQUIREMENTS, NAME_BASE_MAX, SageMakerTrainingError,
+                                         SageMakerTrainingSettings, aws_session, build_source_dir, finish_training_job,
+                                         job_base_name, launch_training_job, settings_from_config, train_on_sagemaker,
+                                         wait_for_job)
+from bincount.sagemaker.training_job import (TrainingJobError, encode_hyperparameters, hyperparameters_from_args,
+                                             load_result, parse_hyperparameters, read_channel, save_result,
+                                             write_channel)
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE = "arn:aws:iam::123456789012:role/bincount-training-tests"

@@ -1,9 +1,10 @@
 import time
 
 import pytest
-from conftest import upload_tree
 
 from bincount.data.sources import LocalSource, MissingObject, S3Source, SourceUnreachable, open_source
+
+from conftest import upload_tree
 
 
 def test_local_source_reads_and_lists(tmp_path):

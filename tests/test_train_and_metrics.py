@@ -2,9 +2,8 @@ import io
 
 import pytest
 
-from bincount.model.grid import TrainConfig
+from bincount.model.grid import SelectConfig, TrainConfig
 from bincount.model.metrics import count_metrics
-from bincount.model.grid import SelectConfig
 from bincount.model.selection import choose_best, choose_members, choose_model, combined_accuracy, results_table
 from bincount.model.train import FAIL_ENV, TrainResult, make_loss, param_groups, train_on_split
 

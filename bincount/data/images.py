@@ -29,6 +29,7 @@ def decode(raw: bytes, size: int):
 def decode_all(raws, size: int, *, progress: bool = True, desc: str = "decoding"):
     """Many photos -> uint8 tensor (N, 3, size, size)."""
     import torch
+
     from bincount.data.progress import progress_bar
 
     raws = list(raws)

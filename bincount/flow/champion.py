@@ -60,8 +60,8 @@ def decide(new_accuracy: float, champion_accuracy: float | None, *, force: bool)
 def gate(target: str, *, run_id: str, classes: list[int], new_accuracy: float,
          test_images: list[bytes], test_labels: list[int], force: bool = False) -> ChampionDecision:
     """Score the current champion on this run's test split and decide."""
-    from bincount.model.metrics import count_metrics
     from bincount.flow.runs import model_of, predictor_of
+    from bincount.model.metrics import count_metrics
 
     champion = current_champion(target, exclude_run_id=run_id)
     champion_accuracy, note = None, ""

@@ -6,8 +6,8 @@ from __future__ import annotations
 def count_metrics(y_true: list[int], y_pred: list[int], classes: list[int]) -> dict:
     """Accuracy, RMSE and MAE of the count, per-class P/R/F1 and the confusion matrix."""
     import numpy as np
-    from sklearn.metrics import (accuracy_score, confusion_matrix, mean_absolute_error,
-                                 mean_squared_error, precision_recall_fscore_support)
+    from sklearn.metrics import (accuracy_score, confusion_matrix, mean_absolute_error, mean_squared_error,
+                                 precision_recall_fscore_support)
 
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=classes, zero_division=0)

@@ -20,11 +20,11 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
-from bincount.model.distributed import (all_gather, all_reduce_sum, broadcast_buffers, init_from_env, interleave, shard,
-                                  world)
-from bincount.model.grid import TrainConfig
 from bincount.data.images import augment_batch, normalizer
 from bincount.model.architectures import create_model, get_arch, head_name
+from bincount.model.distributed import (all_gather, all_reduce_sum, broadcast_buffers, init_from_env, interleave, shard,
+                                        world)
+from bincount.model.grid import TrainConfig
 from bincount.model.predictor import Predictor, autocast, autocast_dtype, pick_device
 
 # Set to a grid point's name to make that branch fail after its first epoch:
@@ -161,6 +161,7 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, devi
     import itertools
 
     import torch
+
     from bincount.data.progress import progress_bar
 
     arch = get_arch(cfg.arch)

@@ -46,7 +46,8 @@ from bincount.aws.errors import AwsError, aws_call
 from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
-from bincount.sagemaker.training_job import CHANNEL, TrainingJobError, encode_hyperparameters, load_result, write_channel
+from bincount.sagemaker.training_job import (CHANNEL, TrainingJobError, encode_hyperparameters, load_result,
+                                             write_channel)
 from bincount.serving.package import extract_archive
 
 READ_TIMEOUT_S = 60
