@@ -50,10 +50,6 @@ class Promotion:
     deployment: dict  # {"target": ...}, and once deployed the target's report and "replaced"
     package: bytes | None = None  # model.tar.gz, when it was deployed
 
-    @property
-    def deployed(self) -> bool:
-        return bool(self.decision and self.decision.deploy)
-
 
 def promote(target: str, *, run_id: str, state: bytes, meta: ModelMeta | dict, test_images: Mapping[str, bytes],
             test_labels: list[int], test_predictions: Mapping[str, dict], new_accuracy: float,

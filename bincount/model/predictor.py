@@ -79,12 +79,12 @@ class Predictor:
         self._normalizers = [normalizer(a.mean, a.std) for a in archs]
 
     @classmethod
-    def of_network(cls, model, *, arch: str, image_size: int, num_classes: int, device: str, dtype=None,
-                   tta: bool = False) -> "Predictor":
+    def of_network(cls, model, *, arch: str, image_size: int, num_classes: int, device: str,
+                   dtype=None) -> "Predictor":
         """A predictor around one network being trained (its classes are the output indices).
         Puts the network in eval mode: the next training epoch's ``model.train()`` undoes it."""
         model.eval()
-        meta = ModelMeta(arch=arch, image_size=image_size, classes=list(range(num_classes)), tta=tta)
+        meta = ModelMeta(arch=arch, image_size=image_size, classes=list(range(num_classes)))
         return cls(models=[model], meta=meta, device=device, dtype=dtype)
 
     @property

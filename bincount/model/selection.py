@@ -36,8 +36,8 @@ def results_table(results: list):
 @dataclass
 class Choice:
     members: list  # TrainResults, best first
-    state: bytes  # model.pt for bincount.serving.handler.load_predictor
-    meta: dict  # model.json, less what only the flow knows (classes, run id)
+    state: bytes  # model.pt for bincount.model.predictor.load_predictor
+    meta: ModelMeta  # model.json
     val_accuracy: float  # of the served combination (members, TTA) on the validation split
 
 
