@@ -125,6 +125,19 @@ def upload_tree(client, bucket: str, prefix: str, files: dict[str, bytes]) -> No
         client.put_object(Bucket=bucket, Key=f"{prefix}/{key}" if prefix else key, Body=data)
 
 
+def write_shards(root, photos: dict[str, bytes], labels: dict[str, int], max_bytes: int):
+    """``photos`` in WebDataset shards under ``root`` (a folder or s3:// prefix): their ShardSet,
+    and an index (id, label, shard, checksum) as a run's ``subset`` artifact holds it."""
+    import pandas as pd
+
+    from bincount.data.shards import ShardSink
+
+    with ShardSink(root, max_bytes=max_bytes) as sink:
+        stored = {i: sink.add(i, labels[i], raw) for i, raw in photos.items()}
+        shards = sink.close()
+    return shards, pd.DataFrame([{"id": i, "label": labels[i], **s} for i, s in stored.items()])
+
+
 def write_tree(root: Path, files: dict[str, bytes]) -> Path:
     for key, data in files.items():
         (root / key).parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +213,9 @@ def resume_flow(origin_run_id: str, *, env: dict | None = None, top: dict | None
 
 @pytest.fixture(scope="session")
 def synthetic_run():
-    """One real flow run on generated data, read back by many tests."""
-    running = run_flow(source="synthetic", per_class=60)
+    """One real flow run on generated data, read back by many tests; its photos (about 1 MB),
+    fetched by two tasks, span several shards."""
+    running = run_flow(source="synthetic", per_class=60, shard_mb=0.25, fetch_tasks=2)
     assert running.status == "successful", running.output[-4000:]
     return running.run
 

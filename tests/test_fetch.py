@@ -82,3 +82,25 @@ def test_a_bad_image_is_replaced_by_the_next_of_its_class(tmp_path, synthetic_jp
         subset = fetch_subset(source, classes=[1], per_class=1, seed=seed, progress=False)
         assert subset.ids == ["c"]
         assert {i for i, _ in subset.skipped} <= {"a", "b"}
+
+
+@pytest.mark.parametrize("per_class", [3, None])
+def test_a_fetch_cut_in_chunks_chooses_and_reports_what_one_fetch_does(tmp_path, synthetic_jpegs, per_class):
+    from bincount.data.fetch import candidate_order, chunks, merge_parts
+
+    files = {}
+    for i in range(40):  # counts 0-3; every fifth bin is broken one way or another
+        count = i % 4
+        files[f"bin-images/b{i:02d}.jpg"] = synthetic_jpegs[max(count, 1)] if i % 5 else synthetic_jpegs[1][:300]
+        files[f"metadata/b{i:02d}.json"] = b"{" if i % 7 == 3 else metadata(count)
+    source = open_source(str(write_tree(tmp_path, files)))
+    one = fetch_subset(source, classes=[1, 2, 3], per_class=per_class, seed=5, progress=False, workers=4)
+    assert one.skipped and one.out_of_class  # the case has bad bins and counts outside the classes
+    order = candidate_order(source, seed=5, progress=False)
+    for n in (2, 3, 8):
+        parts = [fetch_subset(source, classes=[1, 2, 3], per_class=per_class, candidate_ids=c["ids"], ordered=True,
+                              offset=c["offset"], progress=False, workers=4) for c in chunks(order, n)]
+        merged = merge_parts(parts, classes=[1, 2, 3], per_class=per_class)
+        assert (merged.ids, merged.labels, merged.skipped, merged.out_of_class) == (
+            one.ids, one.labels, one.skipped, one.out_of_class), n
+        assert merged.dropped == sum(len(p.ids) for p in parts) - len(one.ids)

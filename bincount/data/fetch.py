@@ -5,7 +5,9 @@ downloaded and decoded once to prove it is an image. Anything unusable (a
 missing or malformed metadata file, a label outside the classes, a missing,
 truncated or non-image photo) is skipped and recorded by id with the reason.
 Downloads run in a thread pool: each is a network round trip, so threads
-overlap the latency that a sequential loop would pay once per object.
+overlap the latency that a sequential loop would pay once per object. Each
+kept photo goes straight to a sink (``bincount.data.shards``: a shard writer
+for a run, a dict for small work), so memory holds the index, not the photos.
 """
 
 from __future__ import annotations
@@ -85,20 +87,26 @@ def check_image(raw: bytes) -> tuple[int, int]:
 
 @dataclass
 class Subset:
-    """What fetch_subset chose: labels, photo bytes, and what it skipped."""
+    """What fetch_subset chose: ids, labels, where the sink put each photo, and what it skipped."""
 
     ids: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
-    images: dict[str, bytes] = field(default_factory=dict)
+    stored: list[dict] = field(default_factory=list)  # per kept bin, what the sink said (shard, checksum)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
     out_of_class: dict[str, int] = field(default_factory=dict)  # skipped for their count: id -> count
+    # Where each kept and each skipped bin stood in the order candidates were visited, and the
+    # skipped bin's count where it had one: what merge_parts needs to combine chunks.
+    positions: list[int] = field(default_factory=list)
+    skipped_at: list[tuple[int, int | None]] = field(default_factory=list)
+    dropped: int = 0  # photos stored but left out by merge_parts (their class was full earlier)
 
     def table(self):
         import pandas as pd
 
-        return pd.DataFrame({"id": self.ids, "label": self.labels,
-                             "width": [w for w, _ in self.sizes], "height": [h for _, h in self.sizes]})
+        table = pd.DataFrame({"id": self.ids, "label": self.labels,
+                              "width": [w for w, _ in self.sizes], "height": [h for _, h in self.sizes]})
+        return pd.concat([table, pd.DataFrame(self.stored, index=table.index)], axis=1)
 
     def skipped_table(self):
         import pandas as pd
@@ -140,16 +148,10 @@ def _read_bin(source: Source, bin_id: str, wanted: set[int], need: dict[int, int
     return label, _read_image(source, bin_id)
 
 
-def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
-                 candidate_ids: list[str] | None = None, seed: int = 0,
-                 workers: int = DEFAULT_WORKERS, progress: bool = True) -> Subset:
-    """Choose up to ``per_class`` bins of each class and download them.
-
-    Candidates are ``candidate_ids`` (a file list) or every bin the source
-    lists, visited in an order shuffled by ``seed``; the first usable bins of
-    each class in that order are kept, so the choice is deterministic for a
-    seed. ``per_class=None`` keeps every usable candidate.
-    """
+def candidate_order(source: Source, candidate_ids: list[str] | None = None, *, seed: int = 0,
+                    progress: bool = True) -> list[str]:
+    """The order in which bins are visited: ``candidate_ids`` (a file list) or every bin the
+    source lists, duplicates dropped, shuffled by ``seed``."""
     from bincount.data.progress import progress_bar
 
     source.check()
@@ -158,6 +160,45 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
     # Duplicates in a listing would put one bin in two splits: keep the first.
     candidates = list(dict.fromkeys(candidate_ids))
     random.Random(seed).shuffle(candidates)
+    return candidates
+
+
+def chunks(order: list[str], n: int) -> list[dict]:
+    """``order`` cut into ``n`` contiguous chunks (fewer if there are fewer ids), each with the
+    position of its first id: the work of one fetch task each."""
+    n = max(1, min(n, len(order)))
+    size = -(-len(order) // n) if order else 0
+    return [{"index": k, "offset": k * size, "ids": order[k * size:(k + 1) * size]} for k in range(n)]
+
+
+def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
+                 candidate_ids: list[str] | None = None, seed: int = 0,
+                 workers: int = DEFAULT_WORKERS, progress: bool = True, sink=None, ordered: bool = False,
+                 offset: int = 0) -> Subset:
+    """Choose up to ``per_class`` bins of each class and download them into ``sink``.
+
+    Candidates are ``candidate_ids`` (a file list) or every bin the source
+    lists, visited in an order shuffled by ``seed`` (:func:`candidate_order`; with
+    ``ordered``, ``candidate_ids`` is that order already); the first usable bins of
+    each class in that order are kept, so the choice is deterministic for a
+    seed. ``per_class=None`` keeps every usable candidate. Bad bins are reported until
+    every class is full. ``sink.add(id, label, bytes)`` stores each kept photo as it is
+    chosen, in that order, and returns what the index should record about it; the
+    default is a :class:`bincount.data.shards.MemorySink`.
+
+    One chunk of a longer order (``offset``: the position of its first id) can be fetched
+    on its own, by one task of many; :func:`merge_parts` then combines the chunks into the
+    subset one task would have chosen from the whole order.
+    """
+    from bincount.data.progress import progress_bar
+    from bincount.data.shards import MemorySink
+
+    sink = MemorySink() if sink is None else sink
+    if ordered:
+        source.check()
+        candidates = list(candidate_ids or [])
+    else:
+        candidates = candidate_order(source, candidate_ids, seed=seed, progress=progress)
 
     wanted = set(classes)
     need = {c: per_class if per_class is not None else len(candidates) for c in classes}
@@ -169,39 +210,96 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
     # bins are kept never depends on thread timing.
     window = max(4 * workers, 1)
     pending: deque = deque()
-    remaining = iter(candidates)
+    remaining = enumerate(candidates, start=offset)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         def refill():
             while len(pending) < window and any(n > 0 for n in need.values()):
-                bin_id = next(remaining, None)
+                position, bin_id = next(remaining, (None, None))
                 if bin_id is None:
                     return
-                pending.append((bin_id, pool.submit(_read_bin, source, bin_id, wanted, need)))
+                pending.append((position, bin_id, pool.submit(_read_bin, source, bin_id, wanted, need)))
 
         refill()
-        while pending:
-            bin_id, future = pending.popleft()
+        while pending and any(n > 0 for n in need.values()):  # every class full: the rest is not needed
+            position, bin_id, future = pending.popleft()
             label, got = future.result()
             refill()
             if isinstance(label, str):
                 subset.skipped.append((bin_id, label))
+                subset.skipped_at.append((position, None))
             elif label not in wanted:
                 subset.skipped.append((bin_id, f"label {label} outside classes {describe_classes(classes)}"))
+                subset.skipped_at.append((position, label))
                 subset.out_of_class[bin_id] = label
             elif need[label] > 0:
                 got = got or _read_image(source, bin_id)  # not prefetched: its class looked full then
                 if isinstance(got, str):
                     subset.skipped.append((bin_id, got))
+                    subset.skipped_at.append((position, label))
                     continue
                 need[label] -= 1
                 raw, size = got
                 subset.ids.append(bin_id)
                 subset.labels.append(label)
                 subset.sizes.append(size)
-                subset.images[bin_id] = raw
+                subset.positions.append(position)
+                subset.stored.append(sink.add(bin_id, label, raw))
                 bar.update(1)
+        for _, _, future in pending:  # not needed after all
+            future.cancel()
     bar.close()
-    short = {c: n for c, n in need.items() if per_class is not None and n > 0}
-    if short and progress:
-        print(f"fetch_subset: the source ran out of usable bins for classes {short} (missing count shown)")
+    if progress and not ordered:  # a chunk's shortfall is not the subset's: see merge_parts
+        report_shortfall(subset, classes=classes, per_class=per_class)
     return subset
+
+
+def report_shortfall(subset: Subset, *, classes: list[int], per_class: int | None) -> None:
+    from collections import Counter
+
+    have = Counter(subset.labels)
+    short = {c: per_class - have[c] for c in classes if per_class is not None and have[c] < per_class}
+    if short:
+        print(f"fetch_subset: the source ran out of usable bins for classes {short} (missing count shown)")
+
+
+def merge_parts(parts: list[Subset], *, classes: list[int], per_class: int | None) -> Subset:
+    """The subset one :func:`fetch_subset` over the whole order would have chosen, from chunks
+    of it fetched apart (each with up to ``per_class`` of each class of its own).
+
+    Walks every kept and skipped bin of every part in candidate order with one quota per
+    class, exactly as a single fetch does: a kept bin of a class already full is dropped
+    (its photo stays in its shard, outside the index), a photo that failed in a class
+    already full is not reported (one fetch would not have downloaded it), and the walk
+    stops where every class is full. Nothing a chunk left unvisited was needed: the chunk
+    stopped only once it held ``per_class`` of every class, and so did the whole order.
+    """
+    wanted = set(classes)
+    need = {c: per_class if per_class is not None else float("inf") for c in classes}
+    kept = [(pos, 0, p, k) for p, part in enumerate(parts) for k, pos in enumerate(part.positions)]
+    skipped = [(pos, 1, p, k) for p, part in enumerate(parts) for k, (pos, _) in enumerate(part.skipped_at)]
+    merged = Subset()
+    for _, kind, p, k in sorted(kept + skipped):
+        if not any(n > 0 for n in need.values()):
+            break
+        part = parts[p]
+        if kind == 0:
+            label = part.labels[k]
+            if need[label] <= 0:
+                continue
+            need[label] -= 1
+            merged.ids.append(part.ids[k])
+            merged.labels.append(label)
+            merged.sizes.append(part.sizes[k])
+            merged.stored.append(part.stored[k])
+            merged.positions.append(part.positions[k])
+            continue
+        bin_id, reason = part.skipped[k]
+        position, label = part.skipped_at[k]
+        if label in wanted and need[label] <= 0:
+            continue
+        merged.skipped.append((bin_id, reason))
+        merged.skipped_at.append((position, label))
+        if bin_id in part.out_of_class:
+            merged.out_of_class[bin_id] = part.out_of_class[bin_id]
+    merged.dropped = len(kept) - len(merged.ids)
+    return merged

@@ -1,7 +1,8 @@
 """How bin photos become tensors.
 
-Photos are decoded and resized once per run into a uint8 tensor; training
-augments that tensor each epoch instead of decoding JPEGs again. Resizing is to
+Photos are decoded and resized to uint8 tensors (bincount.data.loader does it in
+worker processes, once per run for a split that fits in memory); training augments
+whole uint8 batches. Resizing is to
 a square without cropping: a crop can cut an item out of the photo and so
 change the label.
 """
@@ -18,12 +19,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def decode(raw: bytes, size: int):
     """JPEG/PNG bytes -> uint8 tensor (3, size, size)."""
+    import numpy as np
+    import torch
     from PIL import Image
-    from torchvision.transforms.v2 import functional as F
 
     with Image.open(io.BytesIO(raw)) as image:
         image = image.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-    return F.pil_to_tensor(image)
+    # The same values as torchvision's pil_to_tensor, but contiguous: copying its
+    # channels-first view into a batch cost 1.3 ms a photo at 224 px, numpy's copy 0.25.
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
 
 
 def decode_all(raws, size: int, *, progress: bool = True, desc: str = "decoding"):
@@ -56,7 +60,7 @@ def augment_batch(images, generator=None, *, jitter: float = 0.2, transpose: boo
     random horizontal and vertical flip (and with ``transpose``, a random swap of rows and
     columns: with the flips, any of the square's eight symmetries), and brightness,
     contrast and saturation each scaled by a random factor in [1 - jitter, 1 + jitter].
-    Returns floats in [0, 1].
+    Returns floats in [0, 1], on the device of ``images`` (and of ``generator``).
 
     Vectorised by hand because torchvision's ColorJitter draws one factor per call:
     per-photo factors would mean a Python loop of small tensor ops, which took
@@ -68,10 +72,10 @@ def augment_batch(images, generator=None, *, jitter: float = 0.2, transpose: boo
     n = len(x)
 
     def coin():
-        return torch.rand(n, generator=generator) < 0.5
+        return torch.rand(n, generator=generator, device=x.device) < 0.5
 
     def factor():
-        return 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter
+        return 1 + (torch.rand(n, 1, 1, 1, generator=generator, device=x.device) * 2 - 1) * jitter
 
     def gray(t):
         return (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
