@@ -46,10 +46,12 @@ import csv
 import html
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from bincount.data.fetch import DEFAULT_WORKERS, describe_classes, fetch_subset, read_file_list
+from bincount.data.shards import MemorySink, read_photos
 from bincount.data.sources import Source
 
 DEFAULT_TARGET_PRECISION = 0.9
@@ -231,21 +233,22 @@ def threshold_from_predictions(labels: list[int], predictions: list[dict], class
                      prevalence=prevalence, run=run, note=note)
 
 
-def validation_set(run) -> tuple[list[bytes], list[int]]:
-    """The photos and (correct) counts of a BinCountFlow run's validation split."""
-    from bincount.flow.runs import split_photos
+def validation_set(run) -> tuple[Mapping[str, bytes], list[str], list[int]]:
+    """The photos, ids and (correct) counts of a BinCountFlow run's validation split."""
+    from bincount.flow.runs import photos_of, split_rows
 
-    images, labels = split_photos(run, "val")
-    if not images:
+    ids, labels = split_rows(run, "val")
+    if not ids:
         raise ValueError(f"run {run.pathspec} has no validation bins to choose a threshold on")
-    return images, labels
+    return photos_of(run), ids, labels
 
 
 def threshold_for_run(run, predictor, *, target_precision: float = DEFAULT_TARGET_PRECISION,
                       prevalence: float = 0.5) -> Threshold:
     """Score ``run``'s validation split with ``predictor`` and choose the threshold."""
-    images, labels = validation_set(run)
-    predictions = predictor.predict_bytes(images)
+    photos, ids, labels = validation_set(run)
+    answers = dict(predictor.predict_stream(read_photos(photos, ids)))
+    predictions = [answers[i] for i in ids]
     return threshold_from_predictions(labels, predictions, predictor.classes, target_precision=target_precision,
                                       prevalence=prevalence, run=run.pathspec)
 
@@ -293,8 +296,9 @@ def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: li
     if candidate_ids is None:
         candidate_ids = list(source.list_ids())
     order = list(dict.fromkeys(candidate_ids))
+    photos = MemorySink()  # one chunk's photos: an audit is scored a chunk at a time
     subset = fetch_subset(source, classes=classes, per_class=None, candidate_ids=order, workers=workers,
-                          progress=progress)
+                          progress=progress, sink=photos)
     rows: dict[str, dict] = {}
     # fetch_subset skips counts outside the classes like any bad object, and
     # keeps those counts apart: they are records the model cannot judge.
@@ -307,7 +311,7 @@ def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: li
         else:
             rows[bin_id] = _row(bin_id, BAD, reason=reason)
     part = AuditPart()
-    predictions = predictor.predict_bytes([subset.images[i] for i in subset.ids], batch_size=batch_size)
+    predictions = predictor.predict_bytes([photos.images[i] for i in subset.ids], batch_size=batch_size)
     for bin_id, expected, prediction in zip(subset.ids, subset.labels, predictions):
         predicted = prediction["count"]
         flagged = is_flagged(prediction, expected, threshold)
@@ -315,7 +319,7 @@ def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: li
                             p_predicted=float(prediction["probabilities"][str(predicted)]),
                             p_wrong=p_record_wrong(prediction["probabilities"], expected), flagged=flagged)
         if flagged:
-            part.thumbnails[bin_id] = thumbnail_uri(subset.images[bin_id])
+            part.thumbnails[bin_id] = thumbnail_uri(photos.images[bin_id])
     part.rows = [rows[i] for i in order if i in rows]
     return part
 

@@ -55,7 +55,10 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    import tempfile
+
     from bincount.data.fetch import fetch_subset, read_file_list
+    from bincount.data.shards import Photos, ShardSink
     from bincount.data.sources import open_source
     from bincount.flow.runs import get_run, predictor_of
     from bincount.model.metrics import count_metrics
@@ -64,10 +67,17 @@ def _cmd_evaluate(args) -> int:
     predictor = predictor_of(run)
     classes = predictor.classes
     source = open_source(args.source, classes=classes)
-    subset = fetch_subset(source, classes=classes, per_class=args.per_class or None,
-                          candidate_ids=read_file_list(args.file_list) if args.file_list else None,
-                          workers=args.workers, progress=not args.quiet)
-    predictions = predictor.predict_bytes([subset.images[i] for i in subset.ids])
+    # The photos go to shards in a temporary folder and stream through the model from there,
+    # so memory stays flat however many bins are evaluated.
+    with tempfile.TemporaryDirectory(prefix="bincount-evaluate-") as tmp:
+        sink = ShardSink(tmp)
+        subset = fetch_subset(source, classes=classes, per_class=args.per_class or None,
+                              candidate_ids=read_file_list(args.file_list) if args.file_list else None,
+                              workers=args.workers, progress=not args.quiet, sink=sink)
+        photos = Photos(sink.close(), subset.table())
+        answers = dict(predictor.predict_stream(photos.read(subset.ids), progress=not args.quiet,
+                                                total=len(subset.ids)))
+    predictions = [answers[i] for i in subset.ids]
     metrics = count_metrics(subset.labels, [p["count"] for p in predictions], classes)
     metrics.update(run=run.pathspec, source=args.source, skipped=[{"id": i, "reason": r} for i, r in subset.skipped])
     print(json.dumps(metrics, indent=2))

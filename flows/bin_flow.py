@@ -1,10 +1,12 @@
 """Train, evaluate and deploy a model that counts the items in bin photos.
 
-    start -> fetch_subset -> split -> train (foreach grid point) -> join
-          -> evaluate -> deploy -> end
+    start -> fetch_subset (foreach chunk of bins) -> gather_subset -> split
+          -> train (foreach grid point) -> join -> evaluate -> deploy -> end
 
-Every step is a few lines that call the bincount library; all data moves
-between steps as artifacts, so any step can run on another machine. Heavy
+Every step is a few lines that call the bincount library. The photos are written
+once, by fetch_subset, into shards in the run's own storage (under the S3
+datastore's root with --datastore s3); artifacts carry their index (id, label,
+shard, checksum) and everything else, so any step can run on another machine. Heavy
 libraries (torch) are imported inside steps: each task is a new process that
 re-imports this file.
 
@@ -25,6 +27,23 @@ DEFAULT_GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids",
 DEPLOY_TARGETS = ("local", "sagemaker", "none")
 
 
+def open_bins(flow):
+    """The flow's --source as a bincount source."""
+    from bincount.data.sources import open_source
+
+    return open_source(flow.source, classes=flow.class_list, seed=flow.seed, max_pool_connections=flow.workers,
+                       synthetic_per_class=flow.per_class)
+
+
+def fetch_plan(flow) -> list[dict]:
+    """The candidate bins in the order a seed visits them, cut in --fetch-tasks chunks."""
+    from bincount.data.fetch import candidate_order, chunks, read_file_list
+
+    order = candidate_order(open_bins(flow), read_file_list(flow.file_list) if flow.file_list else None,
+                            seed=flow.seed)
+    return chunks(order, flow.fetch_tasks)
+
+
 @compute_from_config("compute")
 class BinCountFlow(FlowSpec):
     source = Parameter(
@@ -42,7 +61,16 @@ class BinCountFlow(FlowSpec):
     seed = Parameter("seed", default=0, type=int, help="Seeds the subset, the split and training.")
     val_fraction = Parameter("val-fraction", default=0.15, type=float, help="Share of bins for validation.")
     test_fraction = Parameter("test-fraction", default=0.15, type=float, help="Share of bins for the test.")
-    workers = Parameter("workers", default=32, type=int, help="Parallel downloads in fetch_subset.")
+    workers = Parameter("workers", default=32, type=int, help="Parallel downloads in each fetch_subset task.")
+    fetch_tasks = Parameter("fetch-tasks", default=1, type=int,
+                            help="Split the download over this many fetch_subset tasks (a foreach over chunks of "
+                                 "the bins, each its own machine on Batch or Kubernetes); the same bins are chosen "
+                                 "for a seed whatever the number.")
+    shard_mb = Parameter("shard-mb", default=256.0, type=float,
+                         help="Size of each photo shard, in MB (AWS suggests 100-1000 for reads from S3).")
+    cache_mb = Parameter("cache-mb", default=512.0, type=float,
+                         help="Decoded training and validation photos a train task may keep in memory (MB); "
+                              "beyond it they stream from the shards every epoch instead.")
     deploy_target = Parameter("deploy-target", default="local",
                               help="local: package the model and check it behind a local endpoint; "
                                    "sagemaker: create or update a SageMaker endpoint (settings from "
@@ -72,30 +100,51 @@ class BinCountFlow(FlowSpec):
 
             SageMakerTarget.from_config(self.deploy_config.to_dict())
         print(f"train step compute: {ComputeConfig.from_dict(self.compute.to_dict()).describe()}")
+        if self.fetch_tasks < 1:
+            raise ValueError(f"--fetch-tasks {self.fetch_tasks}: need at least 1")
         self.class_list = parse_classes(self.classes)
         self.grid_points = [c.as_dict() for c in expand_grid(self.grid.to_dict())]
-        self.next(self.fetch_subset)
+        self.quota = None if self.file_list else self.per_class  # bins per class; None: every usable one listed
+        self.fetch_chunks = fetch_plan(self)
+        self.next(self.fetch_subset, foreach="fetch_chunks")
+
+    @step
+    def fetch_subset(self):
+        """Download one chunk of the candidate bins into shards, up to --per-class of each class."""
+        from bincount.data.fetch import fetch_subset
+        from bincount.data.shards import ShardSink
+        from bincount.flow.storage import shard_root
+
+        chunk = self.input
+        prefix = "" if len(self.fetch_chunks) == 1 else f"part{chunk['index']:03d}-"
+        with ShardSink(shard_root(self, current.flow_name, current.run_id), max_bytes=int(self.shard_mb * 2**20),
+                       prefix=prefix) as sink:
+            self.part = fetch_subset(open_bins(self), classes=self.class_list, per_class=self.quota,
+                                     candidate_ids=chunk["ids"], ordered=True, offset=chunk["offset"],
+                                     workers=self.workers, sink=sink)
+            self.part_shards = sink.close().to_dict()
+        self.next(self.gather_subset)
 
     @card(type="blank", id="report")
     @step
-    def fetch_subset(self):
-        """Choose and download a class-balanced subset; record what was skipped and why."""
-        from bincount.data.fetch import fetch_subset, read_file_list
-        from bincount.data.sources import open_source
+    def gather_subset(self, inputs):
+        """The subset one download of every chunk in order would have chosen; record what was skipped and why."""
+        from bincount.data.fetch import merge_parts, report_shortfall
+        from bincount.data.shards import ShardSet
 
-        source = open_source(self.source, classes=self.class_list, seed=self.seed,
-                             max_pool_connections=self.workers, synthetic_per_class=self.per_class)
-        subset = fetch_subset(source, classes=self.class_list,
-                              per_class=None if self.file_list else self.per_class,
-                              candidate_ids=read_file_list(self.file_list) if self.file_list else None,
-                              seed=self.seed, workers=self.workers)
+        self.merge_artifacts(inputs, exclude=["part", "part_shards"])
+        subset = merge_parts([i.part for i in inputs], classes=self.class_list, per_class=self.quota)
         if not subset.ids:
             raise RuntimeError(f"no usable bins in {self.source} for classes {self.classes}")
-        self.images = subset.images  # id -> JPEG bytes: the data reaches later steps as an artifact
-        self.subset = subset.table()
+        report_shortfall(subset, classes=self.class_list, per_class=self.quota)
+        parts = [ShardSet.from_dict(i.part_shards) for i in inputs]
+        self.shards = ShardSet(parts[0].root, tuple(s for p in parts for s in p.shards)).to_dict()  # where the photos are
+        self.subset = subset.table()  # the index: id, label, width, height, shard, checksum
         self.skipped = subset.skipped_table()
         self.class_counts = subset.class_counts()
-        print(f"kept {len(subset.ids)} bins {self.class_counts}; skipped {len(self.skipped)}")
+        print(f"kept {len(subset.ids)} bins {self.class_counts} in {len(self.shards['shards'])} shards under "
+              f"{self.shards['root']}; skipped {len(self.skipped)}"
+              + (f"; {subset.dropped} photos downloaded by one chunk were not needed" if subset.dropped else ""))
         cards.fetch_card(current.card, self)
         self.next(self.split)
 
@@ -117,11 +166,13 @@ class BinCountFlow(FlowSpec):
     @step
     def train(self):
         """Train one grid point; keep its curves, scores and best weights."""
+        from bincount.data.shards import Photos
         from bincount.flow.compute import train_branch
         from bincount.model.grid import TrainConfig
 
-        result = train_branch(self.compute.to_dict(), TrainConfig(**self.input), self.images, self.split_table,
-                              self.class_list, seed=self.seed,
+        result = train_branch(self.compute.to_dict(), TrainConfig(**self.input), Photos(self.shards, self.subset),
+                              self.split_table, self.class_list, seed=self.seed,
+                              cache_bytes=int(self.cache_mb * 2**20),
                               job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}")
         for name, value in result.to_artifacts().items():  # scores, history, state_dict
             setattr(self, name, value)
@@ -162,13 +213,16 @@ class BinCountFlow(FlowSpec):
     @step
     def evaluate(self):
         """Score the chosen model on the test split with the forward pass the endpoint uses."""
+        from bincount.data.shards import Photos
         from bincount.model.metrics import count_metrics
         from bincount.model.predictor import load_predictor
 
         test = self.split_table[self.split_table["split"] == "test"]
         predictor = load_predictor(self.model_state, self.model_meta)
-        predictions = predictor.predict_bytes([self.images[i] for i in test["id"]])
-        self.test_predictions = dict(zip(test["id"], predictions))
+        answers = dict(predictor.predict_stream(Photos(self.shards, self.subset).read(test["id"]), progress=True,
+                                                total=len(test)))
+        self.test_predictions = {i: answers[i] for i in test["id"]}
+        predictions = list(self.test_predictions.values())
         self.test_metrics = count_metrics(test["label"].tolist(), [p["count"] for p in predictions],
                                           self.class_list)
         print(f"test accuracy {self.test_metrics['accuracy']:.3f}, RMSE {self.test_metrics['rmse']:.3f}, "
@@ -180,11 +234,13 @@ class BinCountFlow(FlowSpec):
     @step
     def deploy(self):
         """Deploy if the model beats the target's champion; smoke-test the endpoint."""
+        from bincount.data.shards import Photos
         from bincount.flow.deploy import promote
 
         test = self.split_table[self.split_table["split"] == "test"]
         promotion = promote(self.deploy_target, run_id=current.run_id, state=self.model_state, meta=self.model_meta,
-                            test_images={i: self.images[i] for i in test["id"]}, test_labels=test["label"].tolist(),
+                            photos=Photos(self.shards, self.subset), test_ids=test["id"].tolist(),
+                            test_labels=test["label"].tolist(),
                             test_predictions=self.test_predictions, new_accuracy=self.test_metrics["accuracy"],
                             force=self.force_deploy, config=self.deploy_config.to_dict())
         self.deployment = promotion.deployment

@@ -16,7 +16,7 @@ NOTEBOOK = REPO / "notebooks" / "inspect_runs.ipynb"
 
 # What each step's card must hold: markdown text, image labels or table cells, by step.
 EXPECTED = {
-    "fetch_subset": {"images": 1, "text": ["# Subset", "300 bins kept", "## Sample photos per count",
+    "gather_subset": {"images": 1, "text": ["# Subset", "300 bins kept", "## Sample photos per count",
                                            "Bins kept per count", "## Skipped objects"]},
     "split": {"images": 1, "text": ["# Split", "210 train, 45 val, 45 test", "Bins per count in each split",
                                     "total"]},
@@ -97,7 +97,7 @@ def test_each_step_has_a_report_card_with_its_components(synthetic_run, in_datas
 @pytest.mark.flow
 def test_photo_galleries_hold_thumbnails_of_the_run_s_bins(synthetic_run, in_datastore):
     subset_ids = set(synthetic_run.data.subset["id"])
-    fetch = next(iter(report_cards(synthetic_run, "fetch_subset").values()))[0]
+    fetch = next(iter(report_cards(synthetic_run, "gather_subset").values()))[0]
     photos = images(card_components(fetch.get()), "jpeg")
     assert len(photos) == 5 * cards.PHOTOS_PER_COUNT and {p["label"] for p in photos} <= subset_ids
     evaluate = next(iter(report_cards(synthetic_run, "evaluate").values()))[0]

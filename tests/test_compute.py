@@ -104,8 +104,9 @@ def test_the_flow_runs_and_resumes_on_the_s3_datastore(s3_endpoint, s3_client, m
     made = []
     try:
         # No deployment: the champion tag stays on the runs the champion tests made.
+        # One task at a time: tiny-a finishes before tiny-b fails (see test_flow's resume test).
         failed = run_flow(env={**env, FAIL_ENV: "tiny-b"}, top=top, source="synthetic", per_class=24,
-                          deploy_target="none")
+                          deploy_target="none", max_workers=1)
         made.append(failed.run)
         assert failed.status == "failed" and "failing on purpose" in failed.output
         resumed = resume_flow(failed.run.id, env=env, top=top)
@@ -141,6 +142,28 @@ def check_s3_run(run, failed_run, s3_endpoint, env, s3_client, monkeypatch):
     keys = [o["Key"] for page in s3_client.get_paginator("list_objects_v2").paginate(
         Bucket="mf-datastore", Prefix=f"metaflow/{run.parent.id}/") for o in page.get("Contents", [])]
     assert any("/data/" in k for k in keys)  # content-addressed artifacts live in the bucket
+    # The photos: in shards under the datastore's root, written once by the first run, read by
+    # the resumed one; no artifact of any step holds photo bytes.
+    root = f"s3://mf-datastore/metaflow/bincount-shards/BinCountFlow/{failed_run.id}"
+    assert data.shards["root"] == root
+    shard_keys = [o["Key"] for o in s3_client.list_objects_v2(
+        Bucket="mf-datastore", Prefix=f"metaflow/bincount-shards/BinCountFlow/{failed_run.id}/")["Contents"]]
+    assert sorted(shard_keys) == sorted(f"{root[len('s3://mf-datastore/'):]}/{s}" for s in data.shards["shards"])
+    for step in run:
+        for task in step:
+            for artifact in task:
+                assert not holds_photo(artifact.data), f"{artifact.pathspec} holds photo bytes"
+
+
+def holds_photo(value, depth: int = 0) -> bool:
+    """Whether ``value`` is JPEG bytes or a dict or list that holds some."""
+    if isinstance(value, bytes):
+        return value[:3] == b"\xff\xd8\xff"
+    if depth < 3 and isinstance(value, dict):
+        return any(holds_photo(v, depth + 1) for v in value.values())
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return any(holds_photo(v, depth + 1) for v in value[:50])
+    return False
 
 
 def test_sagemaker_compute_is_checked_before_training():

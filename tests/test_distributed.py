@@ -13,9 +13,11 @@ import textwrap
 
 import pytest
 
-from bincount.model.distributed import init_from_env, interleave, shard, world
+from bincount.model.distributed import init_from_env, shard, world
 from bincount.model.grid import TrainConfig
 from bincount.model.train import epoch_steps, train_on_split
+
+from conftest import write_shards
 
 # Three counts far enough apart that a small network from scratch learns them in a few epochs.
 CLASSES = [1, 3, 5]
@@ -35,25 +37,31 @@ WORKER = textwrap.dedent("""
     import pickle, sys
     from pathlib import Path
 
-    import bincount.data.images
+    import bincount.data.loader
+    from bincount.data.shards import Photos
     from bincount.model import distributed
     from bincount.model.grid import TrainConfig
     from bincount.model.train import train_on_split
 
-    decoded = []
-    decode_all = bincount.data.images.decode_all
+    decoded, shards_read = [], []
+    decode_photos = bincount.data.loader.decode_photos
+    read_shard = Photos.read_shard
 
-    def counting_decode_all(raws, *args, **kwargs):
-        x = decode_all(raws, *args, **kwargs)
-        decoded.append(len(x))
-        return x
+    def counting_decode_photos(photos, ids, *args, **kwargs):
+        decoded.append(len(ids))
+        return decode_photos(photos, ids, *args, **kwargs)
 
-    bincount.data.images.decode_all = counting_decode_all
+    def recording_read_shard(self, shard, ids):
+        shards_read.append(shard)
+        return read_shard(self, shard, ids)
+
+    bincount.data.loader.decode_photos = counting_decode_photos
+    Photos.read_shard = recording_read_shard
     data = pickle.loads(Path(sys.argv[1]).read_bytes())
     result = train_on_split(TrainConfig(**data["config"]), data["images"], data["table"], data["classes"],
-                            seed=0, progress=False)
+                            seed=0, progress=False, workers=0)  # in this process, so reads are recorded
     rank, world_size = distributed.world()
-    out = {"result": result, "world_size": world_size, "decoded": decoded}
+    out = {"result": result, "world_size": world_size, "decoded": decoded, "shards_read": shards_read}
     Path(sys.argv[2], f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
     distributed.cleanup()
 """)
@@ -155,14 +163,31 @@ def test_ranks_with_unequal_shards_step_together_and_one_may_hold_no_validation_
             assert row["train_images_per_second"] * train_seconds == pytest.approx(16)
 
 
+def test_two_processes_read_disjoint_shards(tmp_path):
+    from bincount.data.shards import Photos
+
+    # 40 training and 12 validation photos in shards of about 5 photos each
+    images, table = make_photos(40, 12)
+    shards, index = write_shards(tmp_path / "shards", images, dict(zip(table["id"], table["label"])),
+                                 max_bytes=5 * max(map(len, images.values())))
+    assert len(shards.shards) >= 8
+    cfg = TrainConfig(name="shards", arch="resnet18", pretrained=False, batch_size=8, epochs=1, image_size=32)
+    ranks = train_in_two_processes(cfg, Photos(shards, index), table, tmp_path)
+    read = [set(r["shards_read"]) for r in ranks]
+    assert read[0] and read[1] and not read[0] & read[1]
+    assert read[0] | read[1] == set(shards.shards)
+    assert sum(sum(r["decoded"]) for r in ranks) == len(table)  # every photo once, on one rank
+    assert ranks[0]["result"].val_probabilities == ranks[1]["result"].val_probabilities
+    assert len(ranks[0]["result"].val_probabilities) == 12
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_shards_cover_every_item_once_and_interleave_restores_the_order(world_size):
+def test_shares_cover_every_item_once(world_size):
     for n in range(9):
         items = list(range(n))
         parts = [shard(items, rank, world_size) for rank in range(world_size)]
         assert sorted(sum(parts, [])) == items
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
-        assert interleave(parts) == items
 
 
 def test_every_rank_takes_the_smallest_shards_number_of_steps():

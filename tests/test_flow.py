@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -43,6 +44,23 @@ def test_a_run_keeps_every_artifact_a_user_reads(synthetic_run):
     # each branch's own curves are on its task too
     branches = {t.data.scores["config"]["name"]: t for t in synthetic_run["train"]}
     assert set(branches) == {"tiny-a", "tiny-b"} and len(branches["tiny-a"].data.history) == 6
+
+
+def test_a_run_s_photos_are_in_shards_that_its_index_describes(synthetic_run):
+    from bincount.data.shards import ShardSet
+    from bincount.flow.runs import photos_of
+
+    data = synthetic_run.data
+    shards = ShardSet.from_dict(data.shards)
+    # beside the local datastore, in a folder of the run's own
+    assert shards.root.endswith(f".bincount-shards/BinCountFlow/{synthetic_run.id}") and len(shards.shards) >= 3
+    assert {"id", "label", "shard", "checksum"} <= set(data.subset.columns)
+    assert set(data.subset["shard"]) == set(shards.shards)
+    assert {s.split("-", 1)[0] for s in shards.shards} == {"part000", "part001"}  # one set per fetch task
+    photos = photos_of(synthetic_run)
+    read = dict(photos.read(data.subset["id"]))  # every photo, each checked against its checksum
+    assert len(read) == 300 and all(raw[:2] == b"\xff\xd8" for raw in read.values())
+    assert "images" not in data  # the photos themselves are in no artifact
 
 
 def cli(*args, timeout=300):
@@ -96,7 +114,9 @@ def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpo
     listing["3"] += [f"metadata/{i}.json" for i in reasons]
     file_list.write_text(json.dumps(listing))
     env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    running = run_flow(env=env, source="s3://abid-flow/mirror", file_list=str(file_list), deploy_target="none")
+    # three fetch tasks: the report gathered from them is the one a single download makes
+    running = run_flow(env=env, source="s3://abid-flow/mirror", file_list=str(file_list), deploy_target="none",
+                       fetch_tasks=3)
     assert running.status == "successful", running.output[-4000:]
     data = running.run.data
     assert sorted(data.subset["id"]) == sorted(i for ids in good.values() for i in ids)
@@ -109,8 +129,10 @@ def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpo
 
 def test_resume_reruns_only_the_failed_branch():
     """Also the one flow run with empty bins: --classes 0-5."""
+    # One task at a time, so tiny-a has finished (and is cloned by the resume) before tiny-b fails:
+    # Metaflow stops every running task when one fails.
     failed = run_flow(env={FAIL_ENV: "tiny-b"}, source="synthetic", per_class=30, classes="0-5",
-                      deploy_target="none")
+                      deploy_target="none", max_workers=1)
     assert failed.status == "failed"
     assert "failing on purpose" in failed.output
     resumed = resume_flow(failed.run.id)
@@ -124,6 +146,10 @@ def test_resume_reruns_only_the_failed_branch():
     assert run.data.chosen in {"tiny-a", "tiny-b"}
     assert run.data.class_counts == {c: 30 for c in range(6)}
     assert run.data.model_meta["classes"] == [0, 1, 2, 3, 4, 5] and len(run.data.test_metrics["per_class"]) == 6
+    # the resumed run reads the shards the first run wrote; it writes none of its own
+    assert run.data.shards == failed.run["gather_subset"].task.data.shards
+    assert run.data.shards["root"].endswith(failed.run.id)
+    assert not Path(run.data.shards["root"].replace(failed.run.id, run.id)).exists()
 
 
 def test_unreachable_bucket_fails_fast_with_advice():

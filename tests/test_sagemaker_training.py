@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from bincount.data.shards import samples_in
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
 from bincount.sagemaker.training import (CONTAINER_REQUIREMENTS, NAME_BASE_MAX, SageMakerTrainingError,
@@ -198,7 +199,7 @@ def entry(tmp_path: Path, env: dict[str, str], args: list[str] = ()) -> subproce
 @pytest.mark.parametrize("case, message", [
     ("no channel variable", "SM_CHANNEL_TRAIN is not set"),
     ("empty channel", "split.csv not found"),
-    ("photo missing", "1 photo\\(s\\) listed in .*split.csv are not in"),
+    ("shard missing", "1 shard\\(s\\) listed in .*split.csv are not in"),
     ("unknown hyperparameter", "unknown hyperparameter\\(s\\) \\['learning_rate'\\]"),
 ])
 def test_entry_point_bad_input_fails_clearly(tmp_path, tiny_data, case, message):
@@ -207,10 +208,10 @@ def test_entry_point_bad_input_fails_clearly(tmp_path, tiny_data, case, message)
     images, table = tiny_data
     channel = tmp_path / "channel"
     channel.mkdir()
-    if case in ("photo missing", "unknown hyperparameter"):
+    if case in ("shard missing", "unknown hyperparameter"):
         write_channel(images, table, channel)
-    if case == "photo missing":
-        next((channel / "images").iterdir()).unlink()
+    if case == "shard missing":
+        next((channel / "shards").iterdir()).unlink()
     hyperparameters = {k: json.loads(v) if v.startswith(("[", "{")) else v
                        for k, v in encode_hyperparameters(TINY, seed=SEED, classes=CLASSES).items()}
     if case == "unknown hyperparameter":
@@ -273,11 +274,12 @@ def test_channel_keeps_train_and_val_rows_in_order_and_never_test(tmp_path, tiny
     write_channel(images, table, tmp_path)
     got_images, got_table = read_channel(tmp_path)
     want = table[table["split"] != "test"].reset_index(drop=True)
-    assert got_table.to_dict("list") == {"id": list(want["id"]), "label": [int(v) for v in want["label"]],
-                                         "split": list(want["split"])}
-    assert got_images == {i: images[i] for i in want["id"]}
+    assert got_table[["id", "label", "split"]].to_dict("list") == {
+        "id": list(want["id"]), "label": [int(v) for v in want["label"]], "split": list(want["split"])}
+    assert dict(got_images.read(want["id"])) == {i: images[i] for i in want["id"]}
     test_ids = set(table.loc[table["split"] == "test", "id"])
-    assert not {p.stem for p in (tmp_path / "images").iterdir()} & test_ids
+    in_shards = {bin_id for shard in got_images.shards.shards for bin_id, _, _ in got_images.shards.samples(shard)}
+    assert in_shards == set(want["id"]) and not in_shards & test_ids
     with pytest.raises(TrainingJobError, match="have no photo"):
         write_channel({}, table, tmp_path / "other")
 
@@ -351,15 +353,19 @@ def test_launch_configures_the_job_and_uploads_only_train_and_val(aws, tiny_data
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/{branch}"
     assert launched.channel_uri == channels["train"]
 
-    # The channel: split.csv and one photo per train/val row, byte for byte; nothing of the test split.
+    # The channel: split.csv and shards of the train/val photos, byte for byte; nothing of the test split.
     uploaded = objects(s3, f"{branch}/input/train/")
     kept = table[table["split"] != "test"]
-    assert set(uploaded) == {"split.csv"} | {f"images/{i}.jpg" for i in kept["id"]}
-    assert all(uploaded[f"images/{i}.jpg"] == images[i] for i in kept["id"])
+    assert "split.csv" in uploaded and all(k == "split.csv" or k.startswith("shards/shard-") for k in uploaded)
     rows = list(csv.reader(io.StringIO(uploaded["split.csv"].decode())))
-    assert rows == [["id", "label", "split"]] + [[i, str(label), s] for i, label, s in
-                                                 zip(kept["id"], kept["label"], kept["split"])]
-    assert not set(table.loc[table["split"] == "test", "id"]) & {Path(k).stem for k in uploaded}
+    assert rows[0] == ["id", "label", "split", "shard", "checksum"]
+    assert [r[:3] for r in rows[1:]] == [[i, str(label), s] for i, label, s in
+                                         zip(kept["id"], kept["label"], kept["split"])]
+    in_shards = {}
+    for key, body in uploaded.items():
+        if key != "split.csv":
+            in_shards.update({bin_id: raw for bin_id, _, raw in samples_in(io.BytesIO(body), key)})
+    assert in_shards == {i: images[i] for i in kept["id"]}
 
     # The code: bincount itself, the entry script and what the container must pip install;
     # two instances run it under torchrun.

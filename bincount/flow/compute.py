@@ -15,6 +15,7 @@ not in the cloud.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from metaflow import FlowMutator
@@ -129,16 +130,17 @@ def check_decorator_arguments(engine: str, kwargs: dict) -> None:
     decorator(attributes=kwargs)
 
 
-def train_branch(compute, cfg, images: dict[str, bytes], split_table, classes: list[int], *, seed: int,
-                 job_prefix: str):
+def train_branch(compute, cfg, photos: Mapping[str, bytes], split_table, classes: list[int], *, seed: int,
+                 job_prefix: str, cache_bytes: int | None = None):
     """Train one grid point where the compute config says: in this process (local, and on
-    Batch or Kubernetes, where this process already is the remote task) or as a SageMaker job."""
+    Batch or Kubernetes, where this process already is the remote task, reading the run's
+    shards from S3) or as a SageMaker job. ``cache_bytes``: see ``train_on_split``."""
     compute = compute if isinstance(compute, ComputeConfig) else ComputeConfig.from_dict(compute)
     if compute.compute == "sagemaker":
         from bincount.sagemaker.training import train_on_sagemaker
 
-        return train_on_sagemaker(cfg, images, split_table, classes, seed=seed,
+        return train_on_sagemaker(cfg, photos, split_table, classes, seed=seed,
                                   settings=compute.sagemaker_settings(), job_prefix=job_prefix)
     from bincount.model.train import train_on_split
 
-    return train_on_split(cfg, images, split_table, classes, seed=seed)
+    return train_on_split(cfg, photos, split_table, classes, seed=seed, cache_bytes=cache_bytes)

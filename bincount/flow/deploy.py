@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from bincount.data.shards import read_photos
 from bincount.flow.champion import ChampionDecision
 from bincount.model.metadata import ModelMeta
 from bincount.serving.endpoint import EndpointError, deploy_local
@@ -51,11 +52,12 @@ class Promotion:
     package: bytes | None = None  # model.tar.gz, when it was deployed
 
 
-def promote(target: str, *, run_id: str, state: bytes, meta: ModelMeta | dict, test_images: Mapping[str, bytes],
-            test_labels: list[int], test_predictions: Mapping[str, dict], new_accuracy: float,
+def promote(target: str, *, run_id: str, state: bytes, meta: ModelMeta | dict, photos: Mapping[str, bytes],
+            test_ids: list[str], test_labels: list[int], test_predictions: Mapping[str, dict], new_accuracy: float,
             force: bool = False, config: dict | None = None) -> Promotion:
     """Deploy a run's model to ``target`` if it beats the target's champion on the run's own
-    test split (``test_images`` and ``test_labels`` in the same order), smoke-test the endpoint
+    test split (``test_ids`` and ``test_labels`` in the same order, their photos in ``photos``,
+    streamed), smoke-test the endpoint
     against ``test_predictions`` (the in-process answers), and crown the run."""
     from bincount.flow.champion import crown, gate
     from bincount.serving.package import build_package
@@ -64,13 +66,13 @@ def promote(target: str, *, run_id: str, state: bytes, meta: ModelMeta | dict, t
         return Promotion(target, None, {"target": target})
     meta = ModelMeta.from_dict(meta)
     decision = gate(target, run_id=run_id, classes=meta.classes, new_accuracy=new_accuracy,
-                    test_images=list(test_images.values()), test_labels=test_labels, force=force)
+                    photos=photos, test_ids=test_ids, test_labels=test_labels, force=force)
     print(f"champion gate: {decision.to_dict()}")
     if not decision.deploy:
         return Promotion(target, decision, {"target": target})
     package = build_package(state, meta)
     ids = list(test_predictions)[:SMOKE_TEST_IMAGES]
-    report = deploy(target, package, meta, {i: test_images[i] for i in ids}, {i: test_predictions[i] for i in ids},
+    report = deploy(target, package, meta, dict(read_photos(photos, ids)), {i: test_predictions[i] for i in ids},
                     config)
     deployment = {"target": target, **report, "replaced": crown(run_id, target)}
     print(f"deployed to {target}: {deployment['smoke_test']}")

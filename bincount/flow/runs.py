@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from bincount import FLOW_NAME
 from bincount.model.metadata import ModelMeta
 
@@ -35,12 +37,22 @@ def model_of(run) -> tuple[bytes, ModelMeta]:
     return data.model_state, ModelMeta.from_dict(data.model_meta, where=f"{run.pathspec} model_meta")
 
 
-def split_photos(run, split: str) -> tuple[list[bytes], list[int]]:
-    """The photos and counts of one split (train, val or test) of a run, in split-table order."""
+def photos_of(run) -> Mapping[str, bytes]:
+    """A run's photos by id, read from its shards (``bincount.data.shards.Photos``); runs made
+    before shards kept them in an ``images`` artifact, which is returned as it is."""
+    from bincount.data.shards import Photos
+
     data = run.data
-    rows = data.split_table[data.split_table["split"] == split]
-    images = data.images
-    return [images[i] for i in rows["id"]], [int(x) for x in rows["label"]]
+    if "shards" in data:
+        return Photos(data.shards, data.subset)
+    return data.images
+
+
+def split_rows(run, split: str) -> tuple[list[str], list[int]]:
+    """The ids and counts of one split (train, val or test) of a run, in split-table order."""
+    table = run.data.split_table
+    rows = table[table["split"] == split]
+    return list(rows["id"]), [int(x) for x in rows["label"]]
 
 
 def predictor_of(run):

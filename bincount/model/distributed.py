@@ -4,9 +4,10 @@ The same training code runs in one process or in several. Launchers (torchrun,
 Metaflow's ``@torchrun``, SageMaker's ``torch_distributed``) start one process
 per worker and describe the group in the environment (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``);
-:func:`init_from_env` joins it. Each process then reads only its own shard of
-the data (:func:`shard`), and the results are put back together with
-:func:`interleave`.
+:func:`init_from_env` joins it. Each process then reads only its own share of
+the data (whole shards of photos, see ``bincount.model.train.rank_share``, or
+:func:`shard`), and the results are gathered (:func:`all_gather`) and put back in
+order by photo id.
 
 An entry point under torchrun: call ``bincount.model.train.train_on_split`` (it joins
 the group), let rank 0 (``world()[0] == 0``) write what should be written
@@ -63,14 +64,6 @@ def shard(items, rank: int, world_size: int):
     """This rank's share: every ``world_size``-th item from ``rank`` on. Shares differ in size
     by at most one item and each keeps the order (and so the class mix) of ``items``."""
     return items[rank::world_size]
-
-
-def interleave(parts: list[list]) -> list:
-    """Undo :func:`shard`: ``parts[r]`` is rank r's share; returns the items in their original order."""
-    out = [None] * sum(len(p) for p in parts)
-    for rank, part in enumerate(parts):
-        out[rank::len(parts)] = part
-    return out
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -13,6 +13,7 @@ is one state_dict, or ``{"members": [state_dict, ...]}`` for an ensemble.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,22 @@ class Predictor:
         for start in range(0, len(raws), batch_size):  # decode per chunk: memory stays bounded
             out.extend(self.predict_tensors(self.prepare(raws[start:start + batch_size]), batch_size))
         return out
+
+    def predict_stream(self, photos: Iterable[tuple[str, bytes]], batch_size: int = 32,
+                       progress: bool = False, total: int | None = None) -> Iterator[tuple[str, dict]]:
+        """(id, answer) for each (id, encoded image) of ``photos``, a batch at a time: memory
+        stays one batch however many photos stream through."""
+        import itertools
+
+        from bincount.data.progress import progress_bar
+
+        bar = progress_bar(total=total, desc="predicting", unit=" img", disable=not progress)
+        photos = iter(photos)
+        while batch := list(itertools.islice(photos, batch_size)):
+            ids, raws = zip(*batch)
+            yield from zip(ids, self.predict_bytes(list(raws), batch_size))
+            bar.update(len(batch))
+        bar.close()
 
 
 def ensemble_state(states: list[bytes]) -> bytes:

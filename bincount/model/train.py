@@ -1,13 +1,15 @@
 """How a model trains: one grid point, start to finish.
 
-Photos arrive already decoded to uint8 tensors (see bincount.data.images), so an
-epoch costs only augmentation and the network. The weights of the epoch with
+Photos reach the network as uint8 batches from a split (:class:`CachedSplit`: decoded
+once into memory, so an epoch costs only augmentation and the network; or
+:class:`StreamedSplit`: read from the run's shards every epoch by the loader's worker
+processes, for splits too big for memory; see bincount.data.loader). The weights of the epoch with
 the best validation accuracy are kept (ties: lower validation loss), which is
 early stopping without a patience knob to tune.
 
 The same code trains data-parallel under torch.distributed (torchrun and the
 launchers built on it; see bincount.model.distributed): each process decodes and
-trains on its own shard of the photos, and all of them return the same result.
+trains on its own shards of the photos, and all of them return the same result.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 from bincount.data.images import augment_batch, normalizer
+from bincount.data.shards import Photos
 from bincount.model.architectures import create_model, get_arch, head_name
-from bincount.model.distributed import (all_gather, all_reduce_sum, broadcast_buffers, init_from_env, interleave, shard,
-                                        world)
+from bincount.model.distributed import all_gather, all_reduce_sum, broadcast_buffers, init_from_env, shard, world
 from bincount.model.grid import TrainConfig
 from bincount.model.predictor import Predictor, autocast, autocast_dtype, pick_device
 
@@ -92,20 +95,79 @@ def _batches(n: int, batch_size: int, generator=None):
         yield order[start:start + batch_size]
 
 
-def evaluate_tensors(model, x, y, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
-                     dtype=None):
-    """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x``."""
+class CachedSplit:
+    """A split decoded into memory: uint8 images ``x`` (N, 3, S, S), class indices ``y``, and
+    the photos' ids (positions when not given)."""
+
+    def __init__(self, x, y, ids: list | None = None):
+        self.x, self.y = x, y
+        self.ids = list(range(len(x))) if ids is None else list(ids)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def labels(self):
+        return self.y
+
+    def batches(self, epoch: int, batch_size: int, generator):
+        """A shuffled epoch, drawn from ``generator`` (the same draws as every earlier version)."""
+        for idx in _batches(len(self.x), batch_size, generator):
+            yield self.x[idx], self.y[idx]
+
+    def ordered(self, batch_size: int):
+        """(images, class indices, ids) in order, for validation."""
+        for idx in _batches(len(self.x), batch_size):
+            yield self.x[idx], self.y[idx], [self.ids[i] for i in idx.tolist()]
+
+
+class StreamedSplit:
+    """A split read from its photos every epoch (bincount.data.loader.StreamedPhotos)."""
+
+    def __init__(self, photos, ids: list[str], y, image_size: int, *, seed: int, pin_memory: bool = False,
+                 workers: int | None = None):
+        from bincount.data.loader import StreamedPhotos
+
+        self.ids, self.y = list(ids), y
+        self._shuffled = StreamedPhotos(photos, ids, y.tolist(), image_size, seed=seed, pin_memory=pin_memory,
+                                        workers=workers)
+        self._ordered = StreamedPhotos(photos, ids, y.tolist(), image_size, shuffle=False, pin_memory=pin_memory,
+                                       workers=workers)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def labels(self):
+        return self.y
+
+    def batches(self, epoch: int, batch_size: int, generator):
+        for x, y, _ in self._shuffled.batches(epoch, batch_size):
+            yield x, y
+
+    def ordered(self, batch_size: int):
+        yield from self._ordered.batches(0, batch_size)
+
+
+def evaluate_split(model, split, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
+                   dtype=None):
+    """Mean cross-entropy and accuracy of ``model`` on a split."""
     import torch
 
     predictor = Predictor.of_network(model, arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes,
                                      device=device, dtype=dtype)
     loss_sum, correct = 0.0, 0
-    for idx in _batches(len(x), batch_size):
-        logits = predictor.logits(x[idx])
-        targets = y[idx].to(device)
+    for x, y, _ in split.ordered(batch_size):
+        logits = predictor.logits(x)
+        targets = y.to(device)
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(1) == targets).sum().item()
-    return loss_sum / max(len(x), 1), correct / max(len(x), 1)
+    return loss_sum / max(len(split), 1), correct / max(len(split), 1)
+
+
+def evaluate_tensors(model, x, y, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
+                     dtype=None):
+    """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x``."""
+    return evaluate_split(model, CachedSplit(x, y), cfg=cfg, num_classes=num_classes, batch_size=batch_size,
+                          device=device, dtype=dtype)
 
 
 def make_loss(cfg: TrainConfig, train_y, num_classes: int):
@@ -151,13 +213,18 @@ def epoch_steps(shard_sizes: list[int], batch_size: int) -> int:
     return math.ceil(min(shard_sizes) / batch_size)
 
 
-def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, device, dtype,
-                    generator, progress: bool, epoch: int, criterion=None, timings: dict | None = None,
-                    batch_size: int | None = None, steps: int | None = None):
-    """One pass over ``x`` (or its first ``steps`` batches of ``batch_size``; default
+def train_one_epoch(model, optimizer, scheduler, data, *, cfg: TrainConfig, device, dtype,
+                    generator, progress: bool, epoch: int, criterion, timings: dict | None = None,
+                    batch_size: int | None = None, steps: int | None = None, augment_generator=None):
+    """One pass over the split ``data`` (or its first ``steps`` batches of ``batch_size``; default
     ``cfg.batch_size``); mean loss and accuracy. ``timings`` (if given) gets the seconds spent
-    preparing batches (augmentation, normalisation, copy to the device) and computing
-    (forward, backward, optimizer step)."""
+    waiting for and preparing batches (loading, augmentation, normalisation, copy to the
+    device) and computing (forward, backward, optimizer step).
+
+    ``generator`` (on the CPU) shuffles a cached split. On a GPU the uint8 batch is copied over
+    first and augmented there, drawing from ``augment_generator`` (on the device); on the CPU it
+    is augmented where it is, drawing from ``generator``.
+    """
     import itertools
 
     import torch
@@ -166,19 +233,21 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, devi
 
     arch = get_arch(cfg.arch)
     norm = normalizer(arch.mean, arch.std)
-    criterion = criterion or make_loss(cfg, y, int(y.max()) + 1)
     model.train()  # frozen early blocks stay in eval mode (bincount.model.architectures.freeze)
     loss_sum, correct, seen = 0.0, 0, 0
     data_seconds = compute_seconds = 0.0
     batch_size = batch_size or cfg.batch_size
-    steps = steps or math.ceil(len(x) / batch_size)
-    bar = progress_bar(itertools.islice(_batches(len(x), batch_size, generator), steps), total=steps,
+    steps = steps or math.ceil(len(data) / batch_size)
+    on_device = device != "cpu"
+    bar = progress_bar(itertools.islice(data.batches(epoch, batch_size, generator), steps), total=steps,
                        disable=not progress, desc=f"{cfg.name} epoch {epoch}", unit=" batch", leave=False)
-    for idx in bar:
-        t0 = time.perf_counter()
-        inputs = norm(augment_batch(x[idx], generator, transpose=cfg.transpose))
+    t0 = time.perf_counter()
+    for x, y in bar:
+        if on_device:
+            x = x.to(device, non_blocking=True)
+        inputs = norm(augment_batch(x, augment_generator or generator, transpose=cfg.transpose))
         inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
-        targets = y[idx].to(device)
+        targets = y.to(device, non_blocking=True)
         t1 = time.perf_counter()
         with autocast(device, dtype):
             logits = model(inputs)
@@ -187,12 +256,14 @@ def train_one_epoch(model, optimizer, scheduler, x, y, *, cfg: TrainConfig, devi
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.item() * len(idx)
+        loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(idx)
+        seen += len(y)
+        t2 = time.perf_counter()
         data_seconds += t1 - t0
-        compute_seconds += time.perf_counter() - t1  # .item() above waited for the device
+        compute_seconds += t2 - t1  # .item() above waited for the device
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+        t0 = t2
     if timings is not None:
         timings.update(data_seconds=data_seconds, compute_seconds=compute_seconds)
     return loss_sum / seen, correct / seen
@@ -228,14 +299,24 @@ def pooled(world_size: int, loss: float, accuracy: float, n: int) -> tuple[float
 
 def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes: int, seed: int = 0,
                 device: str | None = None, progress: bool = True) -> TrainResult:
+    """Train one grid point on photos already decoded to uint8 tensors: :func:`fit` on
+    :class:`CachedSplit` s."""
+    return fit(cfg, CachedSplit(train_x, train_y), CachedSplit(val_x, val_y), num_classes=num_classes, seed=seed,
+               device=device, progress=progress)
+
+
+def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device: str | None = None,
+        progress: bool = True, val_order: list | None = None) -> TrainResult:
     """Train one grid point; return the best epoch's weights and every epoch's curves.
 
-    In a torch.distributed process group of more than one process, each rank passes its own
-    shard of the train and validation photos (``bincount.model.distributed.shard``) and the model
-    trains under DistributedDataParallel. ``cfg.batch_size`` stays the global batch (each rank
-    takes its share), so the learning rate means what it means in one process. Every rank
-    returns the same result: curves, best epoch and weights over all ranks' photos, and the
-    validation softmax of the whole validation set in its original order.
+    ``train`` and ``val`` are splits (:class:`CachedSplit` or :class:`StreamedSplit`). In a
+    torch.distributed process group of more than one process, each rank passes its own share
+    of the train and validation photos and the model trains under DistributedDataParallel.
+    ``cfg.batch_size`` stays the global batch (each rank takes its share), so the learning
+    rate means what it means in one process. Every rank returns the same result: curves, best
+    epoch and weights over all ranks' photos, and the validation softmax of the whole
+    validation set in the order of ``val_order`` (the validation photos' ids; default: the
+    order of ``val``).
     """
     import torch
 
@@ -250,19 +331,22 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     # Class-balanced weights need the class frequencies of all the training photos.
+    train_y = train.labels()
     criterion = make_loss(cfg, train_y if world_size == 1 else torch.cat(all_gather(train_y)), num_classes)
-    shard_sizes = [len(train_x)] if world_size == 1 else all_gather(len(train_x))
+    shard_sizes = [len(train)] if world_size == 1 else all_gather(len(train))
     batch_size = max(1, cfg.batch_size // world_size)
     steps_per_epoch = epoch_steps(shard_sizes, batch_size)
     if steps_per_epoch == 0:
-        raise ValueError(f"no training photos on some rank (shards of {shard_sizes} photos)")
+        raise ValueError(f"no training photos on some rank (shares of {shard_sizes} photos)")
     images_per_epoch = sum(min(n, steps_per_epoch * batch_size) for n in shard_sizes)
     # One cycle: warm-up, then cosine decay; per group, so the body keeps its lower rate.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=cfg.epochs * steps_per_epoch,
         pct_start=cfg.warmup_fraction, anneal_strategy="cos")
-    # Each rank flips and recolours its photos with draws of its own.
+    # Each rank shuffles, flips and recolours its photos with draws of its own; on a GPU the
+    # flips and colours are drawn there, where the batch is augmented.
     generator = torch.Generator().manual_seed(seed + rank)
+    augment_generator = None if device == "cpu" else torch.Generator(device=device).manual_seed(seed + rank)
     net = model
     if world_size > 1:
         # The weights above were drawn alike on every rank (and DDP copies rank 0's anyway);
@@ -276,19 +360,20 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     for epoch in range(1, cfg.epochs + 1):
         t0, cpu0, timings = time.perf_counter(), time.process_time(), {}
         train_loss, train_acc = train_one_epoch(
-            net, optimizer, scheduler, train_x, train_y, cfg=cfg,
+            net, optimizer, scheduler, train, cfg=cfg,
             device=device, dtype=dtype, generator=generator, progress=progress and rank == 0, epoch=epoch,
-            criterion=criterion, timings=timings, batch_size=batch_size, steps=steps_per_epoch)
+            criterion=criterion, timings=timings, batch_size=batch_size, steps=steps_per_epoch,
+            augment_generator=augment_generator)
         train_time = time.perf_counter() - t0
         if world_size > 1:
             broadcast_buffers(model)
         # Validation runs on the network itself, not through DDP: ranks hold different numbers
         # of validation photos, and only the collectives in ``pooled`` need to line up.
-        val_loss, val_acc = evaluate_tensors(model, val_x, val_y, cfg=cfg, num_classes=num_classes,
-                                             batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
-        trained = min(len(train_x), steps_per_epoch * batch_size)
+        val_loss, val_acc = evaluate_split(model, val, cfg=cfg, num_classes=num_classes,
+                                           batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
+        trained = min(len(train), steps_per_epoch * batch_size)
         train_loss, train_acc = pooled(world_size, train_loss, train_acc, trained)
-        val_loss, val_acc = pooled(world_size, val_loss, val_acc, len(val_x))
+        val_loss, val_acc = pooled(world_size, val_loss, val_acc, len(val))
         epoch_seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                "val_loss": val_loss, "val_accuracy": val_acc, "epoch_seconds": epoch_seconds,
@@ -307,30 +392,44 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
     result.train_seconds = time.perf_counter() - started
     result.images_per_second = cfg.epochs * images_per_epoch / result.train_seconds
     model.load_state_dict(torch.load(io.BytesIO(result.state_dict), weights_only=True))
-    result.val_probabilities, result.val_probabilities_tta = validation_probabilities(
-        model, val_x, cfg=cfg, num_classes=num_classes, batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
-    if world_size > 1:
-        # Rank r holds validation photos r, r + world_size, ...: put the whole set back in order.
-        result.val_probabilities = interleave(all_gather(result.val_probabilities))
-        result.val_probabilities_tta = interleave(all_gather(result.val_probabilities_tta))
+    ids, plain, tta = split_probabilities(model, val, cfg=cfg, num_classes=num_classes,
+                                          batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
+    if world_size > 1:  # every rank's share, put back in one order
+        parts = all_gather((ids, plain, tta))
+        ids, plain, tta = ([x for part in parts for x in part[k]] for k in range(3))
+    order = list(val.ids) if val_order is None else list(val_order)
+    position = {bin_id: k for k, bin_id in enumerate(ids)}
+    result.val_probabilities = [plain[position[i]] for i in order]
+    result.val_probabilities_tta = [tta[position[i]] for i in order]
     return result
+
+
+def split_probabilities(model, split, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
+                        dtype=None) -> tuple[list, list, list]:
+    """(ids, softmax of each photo alone, mean softmax over its four flips) over a split."""
+    import torch
+
+    predictor = Predictor.of_network(model, arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes,
+                                     device=device, dtype=dtype)
+    ids, plain, tta = [], [], []
+    for x, _, batch_ids in split.ordered(batch_size):
+        [views] = predictor.view_probabilities(x, views=4)
+        ids.extend(batch_ids)
+        plain.append(views[0])
+        tta.append(sum(views) / len(views))
+    if not ids:  # a rank's validation share, when there are fewer photos than ranks
+        return [], [], []
+    return ids, torch.cat(plain).tolist(), torch.cat(tta).tolist()
 
 
 def validation_probabilities(model, x, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
                              dtype=None):
-    """Softmax per photo of ``x``: of the photo alone, and the mean over its four flips."""
+    """Softmax per photo of uint8 images ``x``: of the photo alone, and the mean over its four flips."""
     import torch
 
-    if not len(x):  # a rank's validation shard, when there are fewer photos than ranks
-        return [], []
-    predictor = Predictor.of_network(model, arch=cfg.arch, image_size=cfg.image_size, num_classes=num_classes,
-                                     device=device, dtype=dtype)
-    plain, tta = [], []
-    for idx in _batches(len(x), batch_size):
-        [views] = predictor.view_probabilities(x[idx], views=4)
-        plain.append(views[0])
-        tta.append(sum(views) / len(views))
-    return torch.cat(plain).tolist(), torch.cat(tta).tolist()
+    _, plain, tta = split_probabilities(model, CachedSplit(x, torch.zeros(len(x), dtype=torch.long)), cfg=cfg,
+                                        num_classes=num_classes, batch_size=batch_size, device=device, dtype=dtype)
+    return plain, tta
 
 
 def state_dict_bytes(model) -> bytes:
@@ -341,33 +440,67 @@ def state_dict_bytes(model) -> bytes:
     return buf.getvalue()
 
 
-def train_on_split(cfg: TrainConfig, images: dict[str, bytes], split_table, classes: list[int], *,
-                   seed: int = 0, progress: bool = True) -> TrainResult:
-    """Decode the train and validation photos once, then train one grid point.
+def rank_share(photos, ids: list[str], rank: int, world_size: int) -> list[str]:
+    """This rank's photos of ``ids``. From shards, whole shards: rank r takes the photos
+    in every world-size-th shard of the run, from shard r on, so ranks read disjoint shards
+    (for every split alike, since a shard holds photos of several splits), where the photos
+    of ``ids`` span at least as many shards as there are ranks; otherwise, and for a dict of
+    photos, every world-size-th photo."""
+    if world_size == 1:
+        return list(ids)
+    if isinstance(photos, Photos) and len(photos.by_shard(ids)) >= world_size:
+        mine = set(photos.shards.shards[rank::world_size])
+        return [i for i in ids if photos.shard_of(i) in mine]
+    return shard(list(ids), rank, world_size)
+
+
+def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
+                   seed: int = 0, progress: bool = True, cache_bytes: int | None = None,
+                   workers: int | None = None) -> TrainResult:
+    """Train one grid point on the train and validation rows of ``split_table``.
+
+    ``photos`` maps id to encoded photo: a run's shards (``bincount.data.shards.Photos``) or a
+    dict. Where the decoded training and validation photos together fit ``cache_bytes``
+    (default ``bincount.data.loader.DEFAULT_CACHE_BYTES``), they are decoded once into memory
+    by the loader's ``workers`` processes; otherwise both stream from the photos every epoch.
 
     Launched by torchrun (or anything else that sets ``WORLD_SIZE`` above 1 and the other
-    torch.distributed variables), this process joins the group and decodes only its own shard
-    of each split, rows rank, rank + world size, ... of the split table; every rank returns
-    the same result. The entry point then lets rank 0 write what is written once, and calls
+    torch.distributed variables), this process joins the group and reads only its own share
+    of each split (:func:`rank_share`); every rank returns the same result. The entry point
+    then lets rank 0 write what is written once, and calls
     ``bincount.model.distributed.cleanup()``.
     """
     import torch
 
-    from bincount.data.images import decode_all
+    from bincount.data.loader import DEFAULT_CACHE_BYTES, decode_photos, decoded_bytes
 
+    cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
     distributed = init_from_env()
     rank, world_size = world()
+    target = {c: k for k, c in enumerate(classes)}
+    device = pick_device()
 
-    def tensors(split: str):
-        rows = split_table[split_table["split"] == split]
-        ids, labels = shard(list(rows["id"]), rank, world_size), shard(list(rows["label"]), rank, world_size)
-        x = decode_all((images[i] for i in ids), cfg.image_size, progress=progress and rank == 0,
-                       desc=f"decoding {split}")
-        y = torch.tensor([classes.index(label) for label in labels], dtype=torch.long)
-        return x, y
+    rows = {split: split_table[split_table["split"] == split] for split in ("train", "val")}
+    share = {split: rank_share(photos, list(r["id"]), rank, world_size) for split, r in rows.items()}
+    cached = decoded_bytes(len(share["train"]) + len(share["val"]), cfg.image_size) <= cache_bytes
+    if not cached and rank == 0:
+        print(f"{len(share['train'])} training and {len(share['val'])} validation photos at {cfg.image_size} px "
+              f"exceed the cache of {cache_bytes / 2**20:.0f} MB: streaming them from the shards every epoch")
 
-    train_x, train_y = tensors("train")
-    val_x, val_y = tensors("val")
+    def load(split: str):
+        label = dict(zip(rows[split]["id"], rows[split]["label"]))
+        ids = share[split]
+        y = torch.tensor([target[label[i]] for i in ids], dtype=torch.long)
+        if cached:
+            x = decode_photos(photos, ids, cfg.image_size, workers=workers, progress=progress and rank == 0,
+                              desc=f"decoding {split}")
+            return CachedSplit(x, y, ids)
+        return StreamedSplit(photos, ids, y, cfg.image_size, seed=seed + rank, workers=workers,
+                             pin_memory=device == "cuda")
+
+    # Decoding waits for the lock too: on one machine it would only take cores from the
+    # branch that trains, and a branch waiting with its photos decoded holds their memory.
     with nullcontext() if distributed else machine_lock():
-        return train_model(cfg, train_x, train_y, val_x, val_y, num_classes=len(classes), seed=seed,
-                           progress=progress)
+        train, val = load("train"), load("val")
+        return fit(cfg, train, val, num_classes=len(classes), seed=seed, device=device, progress=progress,
+                   val_order=list(rows["val"]["id"]))

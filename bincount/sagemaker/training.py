@@ -16,7 +16,7 @@ second torch would be gigabytes and could mismatch its CUDA).
 
 S3 layout, one folder per branch (``<base>`` is the cleaned ``job_prefix``)::
 
-    s3://<bucket>/<s3_prefix>/<base>/input/train/split.csv, images/<id>.jpg
+    s3://<bucket>/<s3_prefix>/<base>/input/train/split.csv, shards/shard-NNNNNN.tar
     s3://<bucket>/<s3_prefix>/<base>/<job name>/input/code/         bincount/, train.py, requirements.txt
     s3://<bucket>/<s3_prefix>/<base>/<job name>/input/sm_drivers/   the SDK's container drivers
     s3://<bucket>/<s3_prefix>/<base>/<job name>/output/model.tar.gz
@@ -293,7 +293,7 @@ def make_trainer(settings: SageMakerTrainingSettings, session, *, base: str, bra
     )
 
 
-def launch_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_table, classes: list[int], *,
+def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                         seed: int, settings: SageMakerTrainingSettings, job_prefix: str, session=None,
                         log: Callable[[str], None] = print) -> LaunchedJob:
     """Upload the branch's channel and start its training job; return at once."""
@@ -304,7 +304,7 @@ def launch_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_tab
     base = job_base_name(job_prefix)
     branch = f"{settings.s3_prefix}/{base}" if settings.s3_prefix else base
     with tempfile.TemporaryDirectory(prefix="bincount-sagemaker-") as tmp:
-        channel = write_channel(images, split_table, Path(tmp) / "channel")
+        channel = write_channel(photos, split_table, Path(tmp) / "channel")
         count = sum(1 for p in channel.rglob("*") if p.is_file())
         channel_uri = upload_folder(s3, channel, settings.bucket, f"{branch}/input/{CHANNEL}")
         log(f"uploaded the {cfg.name} channel ({count} files) to {channel_uri}")
@@ -480,18 +480,18 @@ def finish_training_job(launched: LaunchedJob, *, session=None, poll_s: float = 
                               billable_seconds=job.get("BillableTimeInSeconds"))
 
 
-def run_training_job(cfg: TrainConfig, images: Mapping[str, bytes], split_table, classes: list[int], *,
+def run_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                      seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str, poll_s: float = 30,
                      log: Callable[[str], None] = print) -> TrainingJobOutcome:
     """Train one grid point as a SageMaker training job; the result and where the job left things."""
     settings = settings_from_config(settings)
     session = aws_session(settings.region)
-    launched = launch_training_job(cfg, images, split_table, classes, seed=seed, settings=settings,
+    launched = launch_training_job(cfg, photos, split_table, classes, seed=seed, settings=settings,
                                    job_prefix=job_prefix, session=session, log=log)
     return finish_training_job(launched, session=session, poll_s=poll_s, log=log)
 
 
-def train_on_sagemaker(cfg: TrainConfig, images: Mapping[str, bytes], split_table, classes: list[int], *,
+def train_on_sagemaker(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                        seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str,
                        poll_s: float = 30, log: Callable[[str], None] = print) -> TrainResult:
     """What ``bincount.model.train.train_on_split`` returns, trained by a SageMaker training job.
@@ -499,5 +499,5 @@ def train_on_sagemaker(cfg: TrainConfig, images: Mapping[str, bytes], split_tabl
     ``job_prefix`` names the job and its S3 folder: make it unique per branch, e.g.
     ``f"bincount-{run_id}-{cfg.name}"``.
     """
-    return run_training_job(cfg, images, split_table, classes, seed=seed, settings=settings,
+    return run_training_job(cfg, photos, split_table, classes, seed=seed, settings=settings,
                             job_prefix=job_prefix, poll_s=poll_s, log=log).result

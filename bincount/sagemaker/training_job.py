@@ -14,8 +14,9 @@ It reads
   sets) or else from ``--key value`` arguments; values may arrive as strings
   and are converted to the field's type;
 - ``SM_CHANNEL_TRAIN``: the branch's data as :func:`write_channel` lays it out
-  (``split.csv`` with ``id,label,split`` and ``images/<id>.jpg``, the train
-  and validation rows only: the test split never leaves the flow);
+  (``split.csv`` with ``id,label,split,shard,checksum`` and the photos in
+  WebDataset shards under ``shards/``, the train and validation rows only: the
+  test split never leaves the flow);
 - ``SM_MODEL_DIR``: where :func:`save_result` puts the weights and the rest of
   the :class:`TrainResult`; SageMaker tars it into ``model.tar.gz`` and the
   launcher reads it back with :func:`load_result`;
@@ -43,6 +44,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from bincount.data.shards import DEFAULT_SHARD_BYTES
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
 
@@ -50,16 +52,15 @@ CHANNEL = "train"  # the job's one data channel: SM_CHANNEL_TRAIN
 CHANNEL_ENV = f"SM_CHANNEL_{CHANNEL.upper()}"
 CHANNEL_SPLITS = ("train", "val")  # what leaves the flow; never "test"
 SPLIT_FILE = "split.csv"
-SPLIT_COLUMNS = ["id", "label", "split"]
-IMAGES_DIR = "images"
+SPLIT_COLUMNS = ["id", "label", "split", "shard", "checksum"]
+SHARDS_DIR = "shards"
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]*shard-\d{6}\.tar$")  # what ShardSink names them; nothing that leaves shards/
 WEIGHTS_FILE = "model.pt"  # TrainResult.state_dict, byte for byte (torch.save; load with weights_only=True)
 RESULT_FILE = "result.json"  # every other TrainResult field
 HISTORY_FILE = "history.csv"
 FORMAT_VERSION = 1
 EXTRA_HYPERPARAMETERS = ("seed", "classes")
 REQUIRED_HYPERPARAMETERS = ("name", "classes")
-# Bin ids become file names in the channel: nothing that could leave images/.
-SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 FAILURE_REASON_MAX = 1000  # SageMaker keeps about 1 KB of FailureReason
 
 
@@ -217,30 +218,36 @@ def parse_hyperparameters(raw: Mapping) -> tuple[TrainConfig, int, list[int]]:
 
 # --- the channel -------------------------------------------------------------------
 
-def write_channel(images: Mapping[str, bytes], split_table, dest_dir) -> Path:
+def write_channel(photos: Mapping[str, bytes], split_table, dest_dir, *,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Lay out the train and validation rows of ``split_table`` (id, label, split) and their
     photos as the job's channel: ``split.csv`` in the table's order (so training sees the
-    photos in the same order as a local run) and ``images/<id>.jpg``. Returns ``dest_dir``."""
+    photos in the same order as a local run), with each photo's shard and checksum, and the
+    photos themselves in ``shards/`` (bincount.data.shards), written as they stream from
+    ``photos``. Returns ``dest_dir``."""
+    from bincount.data.shards import ShardSink, read_photos
+
     dest = Path(dest_dir)
-    (dest / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     rows = split_table[split_table["split"].isin(CHANNEL_SPLITS)]
     ids = [str(i) for i in rows["id"]]
-    bad = [i for i in ids if not SAFE_ID.match(i)]
-    if bad:
-        raise TrainingJobError(f"bin ids {bad[:5]} cannot be file names: letters, digits, '.', '_' and '-' only")
-    missing = [i for i in ids if i not in images]
+    missing = [i for i in ids if i not in photos]
     if missing:
         raise TrainingJobError(f"{len(missing)} bin(s) of the split have no photo, e.g. {missing[:5]}")
-    for bin_id in ids:
-        (dest / IMAGES_DIR / f"{bin_id}.jpg").write_bytes(images[bin_id])
+    label = dict(zip(ids, (int(x) for x in rows["label"])))
+    stored = {}
+    with ShardSink(dest / SHARDS_DIR, max_bytes=max_shard_bytes) as sink:
+        for bin_id, raw in read_photos(photos, ids):
+            stored[bin_id] = sink.add(bin_id, label[bin_id], raw)
+        sink.close()
     with open(dest / SPLIT_FILE, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(SPLIT_COLUMNS)
-        writer.writerows(zip(ids, (int(label) for label in rows["label"]), rows["split"]))
+        writer.writerows((i, label[i], split, stored[i]["shard"], stored[i]["checksum"])
+                         for i, split in zip(ids, rows["split"]))
     return dest
 
 
-def _split_rows(path: Path) -> list[tuple[str, int, str]]:
+def _split_rows(path: Path) -> list[tuple[str, int, str, str, str]]:
     with open(path, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -248,22 +255,26 @@ def _split_rows(path: Path) -> list[tuple[str, int, str]]:
             raise TrainingJobError(f"{path}: header must be {','.join(SPLIT_COLUMNS)}, got {header}")
         rows = []
         for line, row in enumerate(reader, start=2):
-            if len(row) != 3 or row[2] not in CHANNEL_SPLITS or not re.fullmatch(r"-?\d+", row[1]):
-                raise TrainingJobError(f"{path} line {line}: expected <id>,<count>,train|val, got {row}")
-            rows.append((row[0], int(row[1]), row[2]))
+            if (len(row) != len(SPLIT_COLUMNS) or row[2] not in CHANNEL_SPLITS or not re.fullmatch(r"-?\d+", row[1])
+                    or not SHARD_NAME.match(row[3])):
+                raise TrainingJobError(f"{path} line {line}: expected <id>,<count>,train|val,<shard>,<checksum>, "
+                                       f"got {row}")
+            rows.append((row[0], int(row[1]), row[2], row[3], row[4]))
     return rows
 
 
-def read_channel(channel_dir) -> tuple[dict[str, bytes], object]:
-    """The photos (id -> JPEG bytes) and split table (a DataFrame: id, label, split) of a
-    channel written by :func:`write_channel`."""
+def read_channel(channel_dir) -> tuple[Mapping[str, bytes], object]:
+    """The photos (id -> JPEG bytes, read from the channel's shards) and split table (a
+    DataFrame: id, label, split, shard, checksum) of a channel written by :func:`write_channel`."""
     import pandas as pd
+
+    from bincount.data.shards import Photos, ShardSet
 
     root = Path(channel_dir)
     split_path = root / SPLIT_FILE
     if not split_path.is_file():
         raise TrainingJobError(f"{split_path} not found: the channel must hold {SPLIT_FILE} and "
-                               f"{IMAGES_DIR}/<id>.jpg (see bincount.sagemaker.training_job.write_channel)")
+                               f"{SHARDS_DIR}/ (see bincount.sagemaker.training_job.write_channel)")
     rows = _split_rows(split_path)
     ids = [r[0] for r in rows]
     if len(set(ids)) != len(ids):
@@ -271,13 +282,13 @@ def read_channel(channel_dir) -> tuple[dict[str, bytes], object]:
     for split in CHANNEL_SPLITS:
         if not any(r[2] == split for r in rows):
             raise TrainingJobError(f"{split_path} has no {split} rows: training needs both train and val photos")
-    missing = [i for i in ids if not SAFE_ID.match(i) or not (root / IMAGES_DIR / f"{i}.jpg").is_file()]
+    shards = sorted({r[3] for r in rows})
+    missing = [s for s in shards if not (root / SHARDS_DIR / s).is_file()]
     if missing:
-        raise TrainingJobError(f"{len(missing)} photo(s) listed in {split_path} are not in "
-                               f"{root / IMAGES_DIR}, e.g. {missing[:5]}")
-    images = {i: (root / IMAGES_DIR / f"{i}.jpg").read_bytes() for i in ids}
-    table = pd.DataFrame({"id": ids, "label": [r[1] for r in rows], "split": [r[2] for r in rows]})
-    return images, table
+        raise TrainingJobError(f"{len(missing)} shard(s) listed in {split_path} are not in "
+                               f"{root / SHARDS_DIR}, e.g. {missing[:5]}")
+    table = pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+    return Photos(ShardSet(str(root / SHARDS_DIR), tuple(shards)), table), table
 
 
 # --- the result ----------------------------------------------------------------------
@@ -358,7 +369,7 @@ def run(argv: Sequence[str], environ: Mapping[str, str]) -> TrainResult | None:
     """Train as the hyperparameters and environment say; rank 0 writes the model folder.
     Returns the result (None on ranks that wrote nothing)."""
     cfg, seed, classes = parse_hyperparameters(raw_hyperparameters(argv, environ))
-    channel = _directory(environ, CHANNEL_ENV, "the job's data channel (split.csv, images/)")
+    channel = _directory(environ, CHANNEL_ENV, "the job's data channel (split.csv, shards/)")
     model_dir = _directory(environ, "SM_MODEL_DIR", "the folder for the trained model", create=True)
     images, split_table = read_channel(channel)
     stray = sorted(set(split_table["label"]) - set(classes))
