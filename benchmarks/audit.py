@@ -90,8 +90,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from bincount import audit
+    from bincount.data.shards import read_photos
     from bincount.data.sources import LocalSource
-    from bincount.flow.runs import predictor_of
+    from bincount.flow.runs import photos_of, predictor_of
 
     started = time.monotonic()
     run = audit.choose_model_run(args.run)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     table = run.data.split_table
     test = table[table["split"] == "test"]
     ids, labels = [str(i) for i in test["id"]], [int(x) for x in test["label"]]
-    images = run.data.images
+    images = dict(read_photos(photos_of(run), ids))  # the test photos, from the run's shards
     data = args.data if (args.data / "metadata").is_dir() else None
     test_predictions = run.data.test_predictions
 
