@@ -119,25 +119,20 @@ def bincount_loop(cfg, raws, labels, epochs: int) -> float:
 
 def streamed_loop(cfg, raws, labels, epochs: int, shard_dir: Path) -> float:
     """Seconds for ``epochs`` training epochs that stream the photos from shards (validation excluded)."""
-    import pandas as pd
     import torch
 
-    from bincount.data.shards import Photos, ShardSink
+    from bincount.data.shards import Photos, write_shards
     from bincount.model.predictor import pick_device
     from bincount.model.train import CachedSplit, StreamedSplit, fit
 
     ids = [f"p{k:05d}" for k in range(len(raws))]
-    with ShardSink(shard_dir) as sink:  # written once, outside the timing: fetch_subset's work
-        stored = [sink.add(i, label, raw) for i, label, raw in zip(ids, labels, raws)]
-        shards = sink.close()
-    photos = Photos(shards, pd.DataFrame({"id": ids, "shard": [s["shard"] for s in stored],
-                                          "checksum": [s["checksum"] for s in stored]}))
+    # written once, outside the timing: fetch_subset's work
+    photos = Photos(*write_shards(shard_dir, zip(ids, labels, raws)))
     y = torch.tensor(labels)
     val = CachedSplit(torch.zeros((8, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8), y[:8])
-    workers = 1 if pick_device() == "cpu" else None  # as train_on_split chooses
     try:
         result = fit(replace(cfg, epochs=epochs), StreamedSplit(photos, ids, y, cfg.image_size, seed=0,
-                                                                workers=workers),
+                                                                device=pick_device()),
                      val, num_classes=5, progress=False)
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)

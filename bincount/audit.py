@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from bincount.data.fetch import DEFAULT_WORKERS, describe_classes, fetch_subset, read_file_list
-from bincount.data.shards import MemorySink, read_photos
+from bincount.data.shards import MemorySink
 from bincount.data.sources import Source
 
 DEFAULT_TARGET_PRECISION = 0.9
@@ -247,8 +247,7 @@ def threshold_for_run(run, predictor, *, target_precision: float = DEFAULT_TARGE
                       prevalence: float = 0.5) -> Threshold:
     """Score ``run``'s validation split with ``predictor`` and choose the threshold."""
     photos, ids, labels = validation_set(run)
-    answers = dict(predictor.predict_stream(read_photos(photos, ids)))
-    predictions = [answers[i] for i in ids]
+    predictions = predictor.predict_photos(photos, ids)
     return threshold_from_predictions(labels, predictions, predictor.classes, target_precision=target_precision,
                                       prevalence=prevalence, run=run.pathspec)
 

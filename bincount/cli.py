@@ -75,9 +75,7 @@ def _cmd_evaluate(args) -> int:
                               candidate_ids=read_file_list(args.file_list) if args.file_list else None,
                               workers=args.workers, progress=not args.quiet, sink=sink)
         photos = Photos(sink.close(), subset.table())
-        answers = dict(predictor.predict_stream(photos.read(subset.ids), progress=not args.quiet,
-                                                total=len(subset.ids)))
-    predictions = [answers[i] for i in subset.ids]
+        predictions = predictor.predict_photos(photos, subset.ids, progress=not args.quiet)
     metrics = count_metrics(subset.labels, [p["count"] for p in predictions], classes)
     metrics.update(run=run.pathspec, source=args.source, skipped=[{"id": i, "reason": r} for i, r in subset.skipped])
     print(json.dumps(metrics, indent=2))

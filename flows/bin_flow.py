@@ -166,11 +166,11 @@ class BinCountFlow(FlowSpec):
     @step
     def train(self):
         """Train one grid point; keep its curves, scores and best weights."""
-        from bincount.data.shards import Photos
         from bincount.flow.compute import train_branch
+        from bincount.flow.runs import photos_in
         from bincount.model.grid import TrainConfig
 
-        result = train_branch(self.compute.to_dict(), TrainConfig(**self.input), Photos(self.shards, self.subset),
+        result = train_branch(self.compute.to_dict(), TrainConfig(**self.input), photos_in(self),
                               self.split_table, self.class_list, seed=self.seed,
                               cache_bytes=int(self.cache_mb * 2**20),
                               job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}")
@@ -213,16 +213,14 @@ class BinCountFlow(FlowSpec):
     @step
     def evaluate(self):
         """Score the chosen model on the test split with the forward pass the endpoint uses."""
-        from bincount.data.shards import Photos
+        from bincount.flow.runs import photos_in
         from bincount.model.metrics import count_metrics
         from bincount.model.predictor import load_predictor
 
         test = self.split_table[self.split_table["split"] == "test"]
         predictor = load_predictor(self.model_state, self.model_meta)
-        answers = dict(predictor.predict_stream(Photos(self.shards, self.subset).read(test["id"]), progress=True,
-                                                total=len(test)))
-        self.test_predictions = {i: answers[i] for i in test["id"]}
-        predictions = list(self.test_predictions.values())
+        predictions = predictor.predict_photos(photos_in(self), test["id"], progress=True)
+        self.test_predictions = dict(zip(test["id"], predictions))
         self.test_metrics = count_metrics(test["label"].tolist(), [p["count"] for p in predictions],
                                           self.class_list)
         print(f"test accuracy {self.test_metrics['accuracy']:.3f}, RMSE {self.test_metrics['rmse']:.3f}, "
@@ -234,12 +232,12 @@ class BinCountFlow(FlowSpec):
     @step
     def deploy(self):
         """Deploy if the model beats the target's champion; smoke-test the endpoint."""
-        from bincount.data.shards import Photos
         from bincount.flow.deploy import promote
+        from bincount.flow.runs import photos_in
 
         test = self.split_table[self.split_table["split"] == "test"]
         promotion = promote(self.deploy_target, run_id=current.run_id, state=self.model_state, meta=self.model_meta,
-                            photos=Photos(self.shards, self.subset), test_ids=test["id"].tolist(),
+                            photos=photos_in(self), test_ids=test["id"].tolist(),
                             test_labels=test["label"].tolist(),
                             test_predictions=self.test_predictions, new_accuracy=self.test_metrics["accuracy"],
                             force=self.force_deploy, config=self.deploy_config.to_dict())

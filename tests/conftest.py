@@ -128,14 +128,9 @@ def upload_tree(client, bucket: str, prefix: str, files: dict[str, bytes]) -> No
 def write_shards(root, photos: dict[str, bytes], labels: dict[str, int], max_bytes: int):
     """``photos`` in WebDataset shards under ``root`` (a folder or s3:// prefix): their ShardSet,
     and an index (id, label, shard, checksum) as a run's ``subset`` artifact holds it."""
-    import pandas as pd
+    from bincount.data.shards import write_shards as write
 
-    from bincount.data.shards import ShardSink
-
-    with ShardSink(root, max_bytes=max_bytes) as sink:
-        stored = {i: sink.add(i, labels[i], raw) for i, raw in photos.items()}
-        shards = sink.close()
-    return shards, pd.DataFrame([{"id": i, "label": labels[i], **s} for i, s in stored.items()])
+    return write(root, ((i, labels[i], raw) for i, raw in photos.items()), max_bytes=max_bytes)
 
 
 def write_tree(root: Path, files: dict[str, bytes]) -> Path:

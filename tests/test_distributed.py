@@ -113,7 +113,7 @@ def test_two_processes_learn_as_well_as_one_and_return_the_whole_result(tmp_path
 
     from bincount.data.images import decode_all
     from bincount.model.architectures import create_model
-    from bincount.model.train import autocast_dtype, validation_probabilities
+    from bincount.model.train import CachedSplit, autocast_dtype, split_probabilities
 
     images, table = make_photos(N_TRAIN, N_VAL)
     single = train_on_split(CFG, images, table, CLASSES, seed=0, progress=False)
@@ -140,8 +140,9 @@ def test_two_processes_learn_as_well_as_one_and_return_the_whole_result(tmp_path
     model.load_state_dict(torch.load(io.BytesIO(ddp.state_dict), weights_only=True))
     model = model.to(memory_format=torch.channels_last)
     val_x = decode_all([images[i] for i in table[table["split"] == "val"]["id"]], CFG.image_size, progress=False)
-    expected, _ = validation_probabilities(model, val_x, cfg=CFG, num_classes=len(CLASSES), batch_size=32,
-                                           device="cpu", dtype=autocast_dtype(CFG.precision, "cpu"))
+    _, expected, _ = split_probabilities(model, CachedSplit(val_x, torch.zeros(len(val_x), dtype=torch.long)),
+                                         cfg=CFG, num_classes=len(CLASSES), batch_size=32,
+                                         device="cpu", dtype=autocast_dtype(CFG.precision, "cpu"))
     assert len(ddp.val_probabilities) == len(ddp.val_probabilities_tta) == N_VAL
     assert torch.allclose(torch.tensor(ddp.val_probabilities), torch.tensor(expected), atol=1e-2)
 

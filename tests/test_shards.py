@@ -39,7 +39,7 @@ def test_shards_hold_the_source_bytes_and_agree_with_the_index(tmp_path, synthet
         with tarfile.open(tmp_path / name) as tar:  # a plain tar that any tool reads
             assert {m.name.split(".", 1)[1] for m in tar.getmembers()} == {"id", "cls", "jpg"}
     some = list(photos)[7:12]
-    assert read.get_many(some) == {i: photos[i] for i in some} and read[some[0]] == photos[some[0]]
+    assert dict(read.read(some)) == {i: photos[i] for i in some} and read[some[0]] == photos[some[0]]
 
 
 def test_same_photos_make_the_same_shard_bytes(tmp_path, synthetic):

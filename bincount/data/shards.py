@@ -192,6 +192,20 @@ class ShardSink:
             shutil.rmtree(self._local, ignore_errors=True)
 
 
+def write_shards(root: str | os.PathLike, samples: Iterable[tuple[str, int, bytes]], *,
+                 max_bytes: int = DEFAULT_SHARD_BYTES):
+    """Write (id, label, photo bytes) samples into shards under ``root``; return their ShardSet
+    and an index (a DataFrame: id, label, shard, checksum) for :class:`Photos`."""
+    import pandas as pd
+
+    rows = []
+    with ShardSink(root, max_bytes=max_bytes) as sink:
+        for bin_id, label, raw in samples:
+            rows.append({"id": bin_id, "label": label, **sink.add(bin_id, label, raw)})
+        shards = sink.close()
+    return shards, pd.DataFrame(rows, columns=["id", "label", "shard", "checksum"])
+
+
 @dataclass
 class MemorySink:
     """Keep photos in a dict instead: for work that is small by construction (one audit
@@ -259,13 +273,6 @@ class Photos(Mapping):
         """(id, bytes) of every photo in ``ids``, shard by shard (not in the order of ``ids``)."""
         for shard, wanted in self.by_shard(ids).items():
             yield from self.read_shard(shard, wanted)
-
-    def get_many(self, ids: Iterable[str]) -> dict[str, bytes]:
-        """A few photos as a dict, in the order of ``ids``."""
-        ids = list(ids)
-        got = dict(self.read(ids))
-        return {i: got[i] for i in ids}
-
 
 def read_photos(photos: Mapping[str, bytes], ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
     """(id, bytes) for ``ids`` from any mapping of photos: shard by shard for :class:`Photos`,

@@ -26,7 +26,8 @@ import math
 import sys
 import traceback
 
-from bincount.data.shards import Photos, read_photos
+from bincount.data.shards import read_photos
+from bincount.flow.runs import photos_in
 
 THUMBNAIL_PX = 96
 PHOTOS_PER_COUNT = 5
@@ -91,11 +92,6 @@ def _image(fig, label: str | None = None):
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return Image(buf.getvalue(), label=label)
-
-
-def flow_photos(flow) -> Photos:
-    """The run's photos, from the shards fetch_subset wrote (see ``bincount.flow.storage``)."""
-    return Photos(flow.shards, flow.subset)
 
 
 def _photo(jpeg: bytes, label: str | None = None):
@@ -175,7 +171,7 @@ def fetch_components(subset, skipped, class_counts: dict, images: dict, source: 
 
 @appends_safely
 def fetch_card(flow) -> list:
-    return fetch_components(flow.subset, flow.skipped, flow.class_counts, flow_photos(flow), str(flow.source))
+    return fetch_components(flow.subset, flow.skipped, flow.class_counts, photos_in(flow), str(flow.source))
 
 
 # --- split ------------------------------------------------------------------------
@@ -570,7 +566,7 @@ def evaluate_components(test_metrics: dict, test_predictions: dict, split_table,
 
 @appends_safely
 def evaluate_card(flow) -> list:
-    return evaluate_components(flow.test_metrics, flow.test_predictions, flow.split_table, flow_photos(flow))
+    return evaluate_components(flow.test_metrics, flow.test_predictions, flow.split_table, photos_in(flow))
 
 
 # --- deploy -------------------------------------------------------------------------

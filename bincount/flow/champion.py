@@ -63,7 +63,6 @@ def gate(target: str, *, run_id: str, classes: list[int], new_accuracy: float,
          force: bool = False) -> ChampionDecision:
     """Score the current champion on this run's test split (``test_ids``, their photos streamed
     from ``photos``) and decide."""
-    from bincount.data.shards import read_photos
     from bincount.flow.runs import model_of, predictor_of
     from bincount.model.metrics import count_metrics
 
@@ -77,8 +76,7 @@ def gate(target: str, *, run_id: str, classes: list[int], new_accuracy: float,
                 return ChampionDecision(deploy=False, reason="champion not comparable" + note, forced=False,
                                         target=target, new_accuracy=new_accuracy, champion_run=champion.pathspec)
         else:
-            answers = dict(predictor_of(champion).predict_stream(read_photos(photos, test_ids)))
-            predictions = [answers[i] for i in test_ids]
+            predictions = predictor_of(champion).predict_photos(photos, test_ids)
             champion_accuracy = count_metrics(test_labels, [p["count"] for p in predictions], classes)["accuracy"]
     deploy, reason = decide(new_accuracy, champion_accuracy, force=force)
     return ChampionDecision(deploy=deploy, reason=reason + note, forced=force, target=target,

@@ -37,15 +37,20 @@ def model_of(run) -> tuple[bytes, ModelMeta]:
     return data.model_state, ModelMeta.from_dict(data.model_meta, where=f"{run.pathspec} model_meta")
 
 
-def photos_of(run) -> Mapping[str, bytes]:
-    """A run's photos by id, read from its shards (``bincount.data.shards.Photos``); runs made
+def photos_in(artifacts) -> Mapping[str, bytes]:
+    """The photos by id of anything with a run's artifacts as attributes (a step's ``self``, a
+    Client run's ``data``), read from its shards (``bincount.data.shards.Photos``); runs made
     before shards kept them in an ``images`` artifact, which is returned as it is."""
     from bincount.data.shards import Photos
 
-    data = run.data
-    if "shards" in data:
-        return Photos(data.shards, data.subset)
-    return data.images
+    if hasattr(artifacts, "shards"):
+        return Photos(artifacts.shards, artifacts.subset)
+    return artifacts.images
+
+
+def photos_of(run) -> Mapping[str, bytes]:
+    """A Client run's photos by id: :func:`photos_in` its data."""
+    return photos_in(run.data)
 
 
 def split_rows(run, split: str) -> tuple[list[str], list[int]]:

@@ -13,7 +13,7 @@ is one state_dict, or ``{"members": [state_dict, ...]}`` for an ensemble.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +187,16 @@ class Predictor:
             yield from zip(ids, self.predict_bytes(list(raws), batch_size))
             bar.update(len(batch))
         bar.close()
+
+    def predict_photos(self, photos: Mapping[str, bytes], ids: Iterable[str], batch_size: int = 32,
+                       progress: bool = False) -> list[dict]:
+        """Answers for ``ids``, in their order, their photos streamed from ``photos`` (a run's
+        shards are read a shard at a time, not in the order of ``ids``)."""
+        from bincount.data.shards import read_photos
+
+        ids = list(ids)
+        answers = dict(self.predict_stream(read_photos(photos, ids), batch_size, progress=progress, total=len(ids)))
+        return [answers[i] for i in ids]
 
 
 def ensemble_state(states: list[bytes]) -> bytes:

@@ -121,17 +121,16 @@ class CachedSplit:
 
 
 class StreamedSplit:
-    """A split read from its photos every epoch (bincount.data.loader.StreamedPhotos)."""
+    """A split read from its photos every epoch (bincount.data.loader.StreamedPhotos), by
+    loader workers suited to ``device``."""
 
-    def __init__(self, photos, ids: list[str], y, image_size: int, *, seed: int, pin_memory: bool = False,
+    def __init__(self, photos, ids: list[str], y, image_size: int, *, seed: int, device: str = "cpu",
                  workers: int | None = None):
-        from bincount.data.loader import StreamedPhotos
+        from bincount.data.loader import StreamedPhotos, streaming_workers
 
         self.ids, self.y = list(ids), y
-        self._shuffled = StreamedPhotos(photos, ids, y.tolist(), image_size, seed=seed, pin_memory=pin_memory,
-                                        workers=workers)
-        self._ordered = StreamedPhotos(photos, ids, y.tolist(), image_size, shuffle=False, pin_memory=pin_memory,
-                                       workers=workers)
+        self._stream = StreamedPhotos(photos, ids, y.tolist(), image_size, seed=seed, pin_memory=device == "cuda",
+                                      workers=streaming_workers(device) if workers is None else workers)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -140,11 +139,11 @@ class StreamedSplit:
         return self.y
 
     def batches(self, epoch: int, batch_size: int, generator):
-        for x, y, _ in self._shuffled.batches(epoch, batch_size):
+        for x, y, _ in self._stream.batches(epoch, batch_size):
             yield x, y
 
     def ordered(self, batch_size: int):
-        yield from self._ordered.batches(0, batch_size)
+        yield from self._stream.batches(0, batch_size, shuffle=False)
 
 
 def evaluate_split(model, split, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
@@ -161,13 +160,6 @@ def evaluate_split(model, split, *, cfg: TrainConfig, num_classes: int, batch_si
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(1) == targets).sum().item()
     return loss_sum / max(len(split), 1), correct / max(len(split), 1)
-
-
-def evaluate_tensors(model, x, y, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
-                     dtype=None):
-    """Mean cross-entropy and accuracy of ``model`` on uint8 images ``x``."""
-    return evaluate_split(model, CachedSplit(x, y), cfg=cfg, num_classes=num_classes, batch_size=batch_size,
-                          device=device, dtype=dtype)
 
 
 def make_loss(cfg: TrainConfig, train_y, num_classes: int):
@@ -422,16 +414,6 @@ def split_probabilities(model, split, *, cfg: TrainConfig, num_classes: int, bat
     return ids, torch.cat(plain).tolist(), torch.cat(tta).tolist()
 
 
-def validation_probabilities(model, x, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
-                             dtype=None):
-    """Softmax per photo of uint8 images ``x``: of the photo alone, and the mean over its four flips."""
-    import torch
-
-    _, plain, tta = split_probabilities(model, CachedSplit(x, torch.zeros(len(x), dtype=torch.long)), cfg=cfg,
-                                        num_classes=num_classes, batch_size=batch_size, device=device, dtype=dtype)
-    return plain, tta
-
-
 def state_dict_bytes(model) -> bytes:
     import torch
 
@@ -495,11 +477,7 @@ def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, c
             x = decode_photos(photos, ids, cfg.image_size, workers=workers, progress=progress and rank == 0,
                               desc=f"decoding {split}")
             return CachedSplit(x, y, ids)
-        # On a CPU the loader's workers take cores from training itself, and one decodes far
-        # faster (about 300 photos/s) than the network trains (10-20): one is enough there.
-        stream_workers = workers if workers is not None else (1 if device == "cpu" else None)
-        return StreamedSplit(photos, ids, y, cfg.image_size, seed=seed + rank, workers=stream_workers,
-                             pin_memory=device == "cuda")
+        return StreamedSplit(photos, ids, y, cfg.image_size, seed=seed + rank, device=device, workers=workers)
 
     # Decoding waits for the lock too: on one machine it would only take cores from the
     # branch that trains, and a branch waiting with its photos decoded holds their memory.

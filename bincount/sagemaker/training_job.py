@@ -225,7 +225,7 @@ def write_channel(photos: Mapping[str, bytes], split_table, dest_dir, *,
     photos in the same order as a local run), with each photo's shard and checksum, and the
     photos themselves in ``shards/`` (bincount.data.shards), written as they stream from
     ``photos``. Returns ``dest_dir``."""
-    from bincount.data.shards import ShardSink, read_photos
+    from bincount.data.shards import read_photos, write_shards
 
     dest = Path(dest_dir)
     rows = split_table[split_table["split"].isin(CHANNEL_SPLITS)]
@@ -234,11 +234,9 @@ def write_channel(photos: Mapping[str, bytes], split_table, dest_dir, *,
     if missing:
         raise TrainingJobError(f"{len(missing)} bin(s) of the split have no photo, e.g. {missing[:5]}")
     label = dict(zip(ids, (int(x) for x in rows["label"])))
-    stored = {}
-    with ShardSink(dest / SHARDS_DIR, max_bytes=max_shard_bytes) as sink:
-        for bin_id, raw in read_photos(photos, ids):
-            stored[bin_id] = sink.add(bin_id, label[bin_id], raw)
-        sink.close()
+    _, index = write_shards(dest / SHARDS_DIR, ((i, label[i], raw) for i, raw in read_photos(photos, ids)),
+                            max_bytes=max_shard_bytes)
+    stored = index.set_index("id").to_dict("index")
     with open(dest / SPLIT_FILE, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(SPLIT_COLUMNS)
