@@ -75,7 +75,7 @@ class BinCountFlow(FlowSpec):
                               help="local: package the model and check it behind a local endpoint; "
                                    "sagemaker: create or update a SageMaker endpoint (settings from "
                                    "--config deploy PATH); none: skip deployment.")
-    force_deploy = Parameter("force-deploy", default=False, type=bool,
+    force_deploy = Parameter("force-deploy", default=False, type=bool, is_flag=True,
                              help="Deploy even if the model is less accurate than the target's current "
                                   "champion (the run tagged champion:<target>).")
     grid = Config("grid", default=DEFAULT_GRID,

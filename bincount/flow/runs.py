@@ -18,6 +18,8 @@ def get_run(run_id: str | None = None, flow: str = FLOW_NAME):
     from metaflow.exception import MetaflowNotFound
 
     namespace(None)
+    if run_id and "/" in run_id:
+        raise RunNotFound(f"{run_id!r} is not a run id: give the id alone (the number after {flow}/)")
     try:
         if run_id:
             return Run(f"{flow}/{run_id}")
