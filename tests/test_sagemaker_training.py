@@ -169,7 +169,8 @@ def test_entry_point_trains_as_sagemaker_runs_it(tmp_path, tiny_data):
     images, table = tiny_data
     write_channel(images, table, data_dir(tmp_path, "train"))
     code = build_source_dir(data_dir(tmp_path, "code"))
-    hyperparameters = encode_hyperparameters(TINY, seed=SEED, classes=CLASSES)
+    # cache_bytes=0: the flow's --cache-mb reaches the job, which streams its photos from the shards
+    hyperparameters = encode_hyperparameters(TINY, seed=SEED, classes=CLASSES, cache_bytes=0)
 
     drivers = sdk_drivers(data_dir(tmp_path, "sm_drivers"))
     done, env = run_container(tmp_path, code=code, drivers=drivers, hyperparameters=hyperparameters,
@@ -179,6 +180,7 @@ def test_entry_point_trains_as_sagemaker_runs_it(tmp_path, tiny_data):
     assert env["SM_CHANNEL_TRAIN"] == str(data_dir(tmp_path, "train"))
     assert json.loads(env["SM_HPS"])["name"] == "1e-3"
     assert "--epochs 2" in done.stdout and "train.py" in done.stdout
+    assert "streaming them from the shards" in done.stdout + done.stderr
 
     model_dir = Path(env["SM_MODEL_DIR"])
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.pt", "result.json"]
@@ -333,7 +335,7 @@ def test_launch_configures_the_job_and_uploads_only_train_and_val(aws, tiny_data
     prefix = f"bincount-{uuid.uuid4().hex[:6]}/{TINY.name}"
     lines = []
     launched = launch_training_job(TINY, images, table, CLASSES, seed=SEED, settings=tuned, job_prefix=prefix,
-                                   session=aws, log=lines.append)
+                                   session=aws, cache_bytes=64 * 2**20, log=lines.append)
 
     job = sm.describe_training_job(TrainingJobName=launched.name)
     base = job_base_name(prefix)
@@ -343,7 +345,8 @@ def test_launch_configures_the_job_and_uploads_only_train_and_val(aws, tiny_data
     assert job["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 50}
     assert job["EnableManagedSpotTraining"] is True
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 1800, "MaxWaitTimeInSeconds": 3600}
-    assert job["HyperParameters"] == encode_hyperparameters(TINY, seed=SEED, classes=CLASSES)
+    assert job["HyperParameters"] == encode_hyperparameters(TINY, seed=SEED, classes=CLASSES, cache_bytes=64 * 2**20)
+    assert job["HyperParameters"]["cache_bytes"] == str(64 * 2**20)  # the flow's --cache-mb
     assert job["RoleArn"] == ROLE
     branch = f"jobs/bincount/{base}"
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in job["InputDataConfig"]}

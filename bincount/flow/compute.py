@@ -140,7 +140,8 @@ def train_branch(compute, cfg, photos: Mapping[str, bytes], split_table, classes
         from bincount.sagemaker.training import train_on_sagemaker
 
         return train_on_sagemaker(cfg, photos, split_table, classes, seed=seed,
-                                  settings=compute.sagemaker_settings(), job_prefix=job_prefix)
+                                  settings=compute.sagemaker_settings(), job_prefix=job_prefix,
+                                  cache_bytes=cache_bytes)
     from bincount.model.train import train_on_split
 
     return train_on_split(cfg, photos, split_table, classes, seed=seed, cache_bytes=cache_bytes)

@@ -295,7 +295,7 @@ def make_trainer(settings: SageMakerTrainingSettings, session, *, base: str, bra
 
 def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                         seed: int, settings: SageMakerTrainingSettings, job_prefix: str, session=None,
-                        log: Callable[[str], None] = print) -> LaunchedJob:
+                        cache_bytes: int | None = None, log: Callable[[str], None] = print) -> LaunchedJob:
     """Upload the branch's channel and start its training job; return at once."""
     from sagemaker.core.training.configs import InputData
 
@@ -311,7 +311,8 @@ def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_tab
         trainer = make_trainer(settings, session, base=base, branch=branch,
                                source_dir=build_source_dir(Path(tmp) / "code",
                                                            install_requirements=settings.install_requirements),
-                               hyperparameters=encode_hyperparameters(cfg, seed=seed, classes=classes))
+                               hyperparameters=encode_hyperparameters(cfg, seed=seed, classes=classes,
+                                                               cache_bytes=cache_bytes))
         # wait=False: the launcher waits itself, with a limit (the SDK's wait has none)
         _aws_call(f"creating the training job for {cfg.name}", trainer.train,
                   input_data_config=[InputData(channel_name=CHANNEL, data_source=channel_uri)],
@@ -482,22 +483,23 @@ def finish_training_job(launched: LaunchedJob, *, session=None, poll_s: float = 
 
 def run_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                      seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str, poll_s: float = 30,
-                     log: Callable[[str], None] = print) -> TrainingJobOutcome:
+                     cache_bytes: int | None = None, log: Callable[[str], None] = print) -> TrainingJobOutcome:
     """Train one grid point as a SageMaker training job; the result and where the job left things."""
     settings = settings_from_config(settings)
     session = aws_session(settings.region)
     launched = launch_training_job(cfg, photos, split_table, classes, seed=seed, settings=settings,
-                                   job_prefix=job_prefix, session=session, log=log)
+                                   job_prefix=job_prefix, session=session, cache_bytes=cache_bytes, log=log)
     return finish_training_job(launched, session=session, poll_s=poll_s, log=log)
 
 
 def train_on_sagemaker(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                        seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str,
-                       poll_s: float = 30, log: Callable[[str], None] = print) -> TrainResult:
+                       poll_s: float = 30, cache_bytes: int | None = None,
+                       log: Callable[[str], None] = print) -> TrainResult:
     """What ``bincount.model.train.train_on_split`` returns, trained by a SageMaker training job.
 
     ``job_prefix`` names the job and its S3 folder: make it unique per branch, e.g.
     ``f"bincount-{run_id}-{cfg.name}"``.
     """
     return run_training_job(cfg, photos, split_table, classes, seed=seed, settings=settings,
-                            job_prefix=job_prefix, poll_s=poll_s, log=log).result
+                            job_prefix=job_prefix, poll_s=poll_s, cache_bytes=cache_bytes, log=log).result

@@ -59,7 +59,7 @@ WEIGHTS_FILE = "model.pt"  # TrainResult.state_dict, byte for byte (torch.save; 
 RESULT_FILE = "result.json"  # every other TrainResult field
 HISTORY_FILE = "history.csv"
 FORMAT_VERSION = 1
-EXTRA_HYPERPARAMETERS = ("seed", "classes")
+EXTRA_HYPERPARAMETERS = ("seed", "classes", "cache_bytes")
 REQUIRED_HYPERPARAMETERS = ("name", "classes")
 FAILURE_REASON_MAX = 1000  # SageMaker keeps about 1 KB of FailureReason
 
@@ -79,7 +79,8 @@ def _parses_as_json(text: str) -> bool:
     return True
 
 
-def encode_hyperparameters(cfg: TrainConfig, *, seed: int, classes: Sequence[int]) -> dict[str, str]:
+def encode_hyperparameters(cfg: TrainConfig, *, seed: int, classes: Sequence[int],
+                           cache_bytes: int | None = None) -> dict[str, str]:
     """The job's hyperparameters: strings, as SageMaker stores them.
 
     SageMaker's container JSON-decodes every value it can (``"123"`` becomes
@@ -89,6 +90,8 @@ def encode_hyperparameters(cfg: TrainConfig, *, seed: int, classes: Sequence[int
     in the SageMaker console.
     """
     values = {**cfg.as_dict(), "seed": int(seed), "classes": [int(c) for c in classes]}
+    if cache_bytes is not None:  # the flow's --cache-mb; absent, the job uses the default
+        values["cache_bytes"] = int(cache_bytes)
     encoded = {}
     for key, value in values.items():
         if isinstance(value, str):
@@ -366,7 +369,9 @@ def _write_failure(message: str, environ: Mapping[str, str]) -> None:
 def run(argv: Sequence[str], environ: Mapping[str, str]) -> TrainResult | None:
     """Train as the hyperparameters and environment say; rank 0 writes the model folder.
     Returns the result (None on ranks that wrote nothing)."""
-    cfg, seed, classes = parse_hyperparameters(raw_hyperparameters(argv, environ))
+    raw = raw_hyperparameters(argv, environ)
+    cfg, seed, classes = parse_hyperparameters(raw)
+    cache_bytes = _as_int("cache_bytes", raw["cache_bytes"]) if "cache_bytes" in raw else None
     channel = _directory(environ, CHANNEL_ENV, "the job's data channel (split.csv, shards/)")
     model_dir = _directory(environ, "SM_MODEL_DIR", "the folder for the trained model", create=True)
     images, split_table = read_channel(channel)
@@ -380,7 +385,7 @@ def run(argv: Sequence[str], environ: Mapping[str, str]) -> TrainResult | None:
     from bincount.model.train import train_on_split
 
     try:
-        result = train_on_split(cfg, images, split_table, classes, seed=seed)
+        result = train_on_split(cfg, images, split_table, classes, seed=seed, cache_bytes=cache_bytes)
         if world()[0] != 0:  # under torchrun every rank has the result; one writes it
             return None
     finally:
