@@ -423,6 +423,46 @@ def test_launched_job_trains_from_s3_and_its_model_comes_back(aws, tiny_data, tm
     assert lines[0].startswith(f"training job {launched.name}: Completed")
 
 
+def test_run_shards_already_in_s3_are_read_in_place_not_uploaded_again(aws, tiny_data, tmp_path):
+    """With --datastore s3 a run's shards already sit in S3: the job gets their prefix as a channel
+    of its own, the train channel holds only split.csv, and the container trains from those shards."""
+    from bincount.data.shards import Photos
+    from bincount.data.shards import write_shards as write
+
+    images, table = tiny_data
+    sm, s3 = aws.client("sagemaker"), aws.client("s3")
+    labels = {i: int(label) for i, label in zip(table["id"], table["label"])}
+    root = f"s3://{BUCKET}/metaflow/bincount-shards/BinCountFlow/12"
+    # Run 120's prefix starts with run 12's: none of its shards may reach run 12's job.
+    write(f"{root}0", ((i, labels[i], images[i]) for i in list(images)[:3]))
+    shards, index = write(root, ((i, labels[i], images[i]) for i in table["id"]), max_bytes=16 * 1024)
+    assert len(shards.shards) >= 3
+    launched = launch_training_job(TINY, Photos(shards, index), table, CLASSES, seed=SEED,
+                                   settings=settings(instance_type="ml.m5.xlarge"),
+                                   job_prefix=f"bincount-{uuid.uuid4().hex[:6]}", session=aws, log=lambda _: None)
+
+    job = sm.describe_training_job(TrainingJobName=launched.name)
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in job["InputDataConfig"]}
+    assert channels["shards"] == launched.shards_uri == f"{root}/"
+    uploaded = objects(s3, channels["train"].split(f"s3://{BUCKET}/", 1)[1])
+    assert list(uploaded) == ["split.csv"]  # no photo uploaded twice
+    rows = list(csv.DictReader(io.StringIO(uploaded["split.csv"].decode())))
+    kept = table[table["split"] != "test"]
+    assert [r["id"] for r in rows] == list(kept["id"])
+    stored = index.set_index("id")
+    assert all((r["shard"], r["checksum"]) == tuple(stored.loc[r["id"], ["shard", "checksum"]]) for r in rows)
+
+    # Play the container with what the job's channels hold: it trains from the run's shards.
+    for channel in job["InputDataConfig"]:
+        download(s3, channel["DataSource"]["S3DataSource"]["S3Uri"], data_dir(tmp_path, channel["ChannelName"]))
+    assert sorted(p.name for p in data_dir(tmp_path, "shards").iterdir()) == sorted(shards.shards)
+    done, env = run_container(tmp_path, code=data_dir(tmp_path, "code"), drivers=data_dir(tmp_path, "sm_drivers"),
+                              hyperparameters=job["HyperParameters"], job_name=launched.name)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert env["SM_CHANNEL_SHARDS"] == str(data_dir(tmp_path, "shards"))
+    check_trained(load_result(Path(env["SM_MODEL_DIR"])), TINY, n_val=int((table["split"] == "val").sum()))
+
+
 def test_failed_job_raises_its_name_and_failure_reason(aws, tiny_data):
     import time
 

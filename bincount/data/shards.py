@@ -245,6 +245,9 @@ class Photos(Mapping):
     def shard_of(self, bin_id: str) -> str:
         return self._rows[bin_id][0]
 
+    def checksum_of(self, bin_id: str) -> str:
+        return self._rows[bin_id][1]
+
     def by_shard(self, ids: Iterable[str]) -> dict[str, set[str]]:
         """The shards that hold ``ids``, in write order, each with the ids wanted from it."""
         wanted: dict[str, set[str]] = {}
@@ -273,6 +276,7 @@ class Photos(Mapping):
         """(id, bytes) of every photo in ``ids``, shard by shard (not in the order of ``ids``)."""
         for shard, wanted in self.by_shard(ids).items():
             yield from self.read_shard(shard, wanted)
+
 
 def read_photos(photos: Mapping[str, bytes], ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
     """(id, bytes) for ``ids`` from any mapping of photos: shard by shard for :class:`Photos`,

@@ -16,10 +16,16 @@ second torch would be gigabytes and could mismatch its CUDA).
 
 S3 layout, one folder per branch (``<base>`` is the cleaned ``job_prefix``)::
 
-    s3://<bucket>/<s3_prefix>/<base>/input/train/split.csv, shards/shard-NNNNNN.tar
+    s3://<bucket>/<s3_prefix>/<base>/input/train/split.csv, shards/shard-NNNNNN.tar   (shards/: see below)
     s3://<bucket>/<s3_prefix>/<base>/<job name>/input/code/         bincount/, train.py, requirements.txt
     s3://<bucket>/<s3_prefix>/<base>/<job name>/input/sm_drivers/   the SDK's container drivers
     s3://<bucket>/<s3_prefix>/<base>/<job name>/output/model.tar.gz
+
+Where the run's shards already sit in S3 (``--datastore s3``), nothing of them is
+uploaded again: the train channel holds only ``split.csv`` and the job reads the run's
+shard prefix as a second channel, ``shards`` (so the job's role needs read access to the
+datastore's bucket). With the local datastore the branch's train and validation photos
+are written into new shards under ``input/train/shards/`` and uploaded once.
 
 Settings come from the ``sagemaker`` block of the compute config;
 :func:`settings_from_config` checks them before anything is trained.
@@ -46,8 +52,8 @@ from bincount.aws.errors import AwsError, aws_call
 from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
-from bincount.sagemaker.training_job import (CHANNEL, TrainingJobError, encode_hyperparameters, load_result,
-                                             write_channel)
+from bincount.sagemaker.training_job import (CHANNEL, SHARDS_CHANNEL, TrainingJobError, encode_hyperparameters,
+                                             load_result, write_channel)
 from bincount.serving.package import extract_archive
 
 READ_TIMEOUT_S = 60
@@ -212,6 +218,16 @@ def upload_folder(s3, folder: Path, bucket: str, prefix: str, *, workers: int = 
     return f"s3://{bucket}/{prefix}/"
 
 
+def shards_in_s3(photos: Mapping[str, bytes]) -> str | None:
+    """The S3 prefix (with a trailing slash: an S3Prefix channel matches keys by prefix, and
+    run 12's must not take run 120's) of ``photos`` that already sit in shards there; else None."""
+    from bincount.data.shards import Photos
+
+    if isinstance(photos, Photos) and photos.shards.on_s3:
+        return photos.shards.root.rstrip("/") + "/"
+    return None
+
+
 def job_base_name(job_prefix: str) -> str:
     """A SageMaker-legal base for the job's name that leaves room for the SDK's timestamp.
     Too long: its head and a hash of the whole, so two long prefixes stay distinct."""
@@ -243,6 +259,7 @@ def build_source_dir(dest: Path, *, install_requirements: bool = True) -> Path:
 class LaunchedJob:
     name: str
     channel_uri: str
+    shards_uri: str | None  # the run's own shard prefix, where the job read it in place; None: in channel_uri
     output_path: str
     settings: SageMakerTrainingSettings
 
@@ -303,11 +320,16 @@ def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_tab
     s3 = session.client("s3")
     base = job_base_name(job_prefix)
     branch = f"{settings.s3_prefix}/{base}" if settings.s3_prefix else base
+    shards_uri = shards_in_s3(photos)
     with tempfile.TemporaryDirectory(prefix="bincount-sagemaker-") as tmp:
-        channel = write_channel(photos, split_table, Path(tmp) / "channel")
+        channel = write_channel(photos, split_table, Path(tmp) / "channel", copy_shards=shards_uri is None)
         count = sum(1 for p in channel.rglob("*") if p.is_file())
         channel_uri = upload_folder(s3, channel, settings.bucket, f"{branch}/input/{CHANNEL}")
-        log(f"uploaded the {cfg.name} channel ({count} files) to {channel_uri}")
+        log(f"uploaded the {cfg.name} channel ({count} files) to {channel_uri}"
+            + (f"; the job reads the run's shards where they are, {shards_uri}" if shards_uri else ""))
+        inputs = [InputData(channel_name=CHANNEL, data_source=channel_uri)]
+        if shards_uri:
+            inputs.append(InputData(channel_name=SHARDS_CHANNEL, data_source=shards_uri))
         trainer = make_trainer(settings, session, base=base, branch=branch,
                                source_dir=build_source_dir(Path(tmp) / "code",
                                                            install_requirements=settings.install_requirements),
@@ -315,14 +337,13 @@ def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_tab
                                                                cache_bytes=cache_bytes))
         # wait=False: the launcher waits itself, with a limit (the SDK's wait has none)
         _aws_call(f"creating the training job for {cfg.name}", trainer.train,
-                  input_data_config=[InputData(channel_name=CHANNEL, data_source=channel_uri)],
-                  wait=False, logs=False)
+                  input_data_config=inputs, wait=False, logs=False)
     job = trainer._latest_training_job  # the SDK's handle; its own docs read it this way
     if job is None:
         raise SageMakerTrainingError(f"ModelTrainer.train returned without a training job for {cfg.name}")
     log(f"started SageMaker training job {job.training_job_name} ({settings.instance_count} x "
         f"{settings.instance_type}{', spot' if settings.use_spot else ''}, image {settings.image_uri})")
-    return LaunchedJob(name=job.training_job_name, channel_uri=channel_uri,
+    return LaunchedJob(name=job.training_job_name, channel_uri=channel_uri, shards_uri=shards_uri,
                        output_path=f"s3://{settings.bucket}/{branch}", settings=settings)
 
 

@@ -14,9 +14,12 @@ It reads
   sets) or else from ``--key value`` arguments; values may arrive as strings
   and are converted to the field's type;
 - ``SM_CHANNEL_TRAIN``: the branch's data as :func:`write_channel` lays it out
-  (``split.csv`` with ``id,label,split,shard,checksum`` and the photos in
-  WebDataset shards under ``shards/``, the train and validation rows only: the
-  test split never leaves the flow);
+  (``split.csv`` with ``id,label,split,shard,checksum``, the train and validation
+  rows only, and the photos in WebDataset shards under ``shards/``);
+- ``SM_CHANNEL_SHARDS`` (optional): where the run's shards already sat in S3, the
+  job reads them from this channel instead, and ``SM_CHANNEL_TRAIN`` holds only
+  ``split.csv``. The shards hold the test photos too, but nothing reads them: the
+  split file names only train and validation rows;
 - ``SM_MODEL_DIR``: where :func:`save_result` puts the weights and the rest of
   the :class:`TrainResult`; SageMaker tars it into ``model.tar.gz`` and the
   launcher reads it back with :func:`load_result`;
@@ -48,8 +51,10 @@ from bincount.data.shards import DEFAULT_SHARD_BYTES
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
 
-CHANNEL = "train"  # the job's one data channel: SM_CHANNEL_TRAIN
+CHANNEL = "train"  # the job's split file (and its shards, unless they have a channel of their own)
 CHANNEL_ENV = f"SM_CHANNEL_{CHANNEL.upper()}"
+SHARDS_CHANNEL = "shards"  # the run's own shards, where they already sit in S3
+SHARDS_CHANNEL_ENV = f"SM_CHANNEL_{SHARDS_CHANNEL.upper()}"
 CHANNEL_SPLITS = ("train", "val")  # what leaves the flow; never "test"
 SPLIT_FILE = "split.csv"
 SPLIT_COLUMNS = ["id", "label", "split", "shard", "checksum"]
@@ -222,13 +227,17 @@ def parse_hyperparameters(raw: Mapping) -> tuple[TrainConfig, int, list[int]]:
 # --- the channel -------------------------------------------------------------------
 
 def write_channel(photos: Mapping[str, bytes], split_table, dest_dir, *,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, copy_shards: bool = True) -> Path:
     """Lay out the train and validation rows of ``split_table`` (id, label, split) and their
     photos as the job's channel: ``split.csv`` in the table's order (so training sees the
     photos in the same order as a local run), with each photo's shard and checksum, and the
     photos themselves in ``shards/`` (bincount.data.shards), written as they stream from
-    ``photos``. Returns ``dest_dir``."""
-    from bincount.data.shards import read_photos, write_shards
+    ``photos``. Returns ``dest_dir``.
+
+    With ``copy_shards=False`` (``photos`` a :class:`bincount.data.shards.Photos`), only
+    ``split.csv`` is written, naming the shards the photos already sit in: the job then
+    reads those shards from their own channel (:data:`SHARDS_CHANNEL`), not from a copy."""
+    from bincount.data.shards import Photos, read_photos, write_shards
 
     dest = Path(dest_dir)
     rows = split_table[split_table["split"].isin(CHANNEL_SPLITS)]
@@ -237,9 +246,15 @@ def write_channel(photos: Mapping[str, bytes], split_table, dest_dir, *,
     if missing:
         raise TrainingJobError(f"{len(missing)} bin(s) of the split have no photo, e.g. {missing[:5]}")
     label = dict(zip(ids, (int(x) for x in rows["label"])))
-    _, index = write_shards(dest / SHARDS_DIR, ((i, label[i], raw) for i, raw in read_photos(photos, ids)),
-                            max_bytes=max_shard_bytes)
-    stored = index.set_index("id").to_dict("index")
+    if copy_shards:
+        _, index = write_shards(dest / SHARDS_DIR, ((i, label[i], raw) for i, raw in read_photos(photos, ids)),
+                                max_bytes=max_shard_bytes)
+        stored = index.set_index("id").to_dict("index")
+    elif isinstance(photos, Photos):
+        stored = {i: {"shard": photos.shard_of(i), "checksum": photos.checksum_of(i)} for i in ids}
+    else:
+        raise TypeError("copy_shards=False needs photos that already sit in shards (a Photos)")
+    dest.mkdir(parents=True, exist_ok=True)
     with open(dest / SPLIT_FILE, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(SPLIT_COLUMNS)
@@ -264,9 +279,10 @@ def _split_rows(path: Path) -> list[tuple[str, int, str, str, str]]:
     return rows
 
 
-def read_channel(channel_dir) -> tuple[Mapping[str, bytes], object]:
+def read_channel(channel_dir, shards_dir=None) -> tuple[Mapping[str, bytes], object]:
     """The photos (id -> JPEG bytes, read from the channel's shards) and split table (a
-    DataFrame: id, label, split, shard, checksum) of a channel written by :func:`write_channel`."""
+    DataFrame: id, label, split, shard, checksum) of a channel written by :func:`write_channel`;
+    ``shards_dir``: where the shards are when they came in a channel of their own."""
     import pandas as pd
 
     from bincount.data.shards import Photos, ShardSet
@@ -283,13 +299,14 @@ def read_channel(channel_dir) -> tuple[Mapping[str, bytes], object]:
     for split in CHANNEL_SPLITS:
         if not any(r[2] == split for r in rows):
             raise TrainingJobError(f"{split_path} has no {split} rows: training needs both train and val photos")
+    shards_root = Path(shards_dir) if shards_dir else root / SHARDS_DIR
     shards = sorted({r[3] for r in rows})
-    missing = [s for s in shards if not (root / SHARDS_DIR / s).is_file()]
+    missing = [s for s in shards if not (shards_root / s).is_file()]
     if missing:
         raise TrainingJobError(f"{len(missing)} shard(s) listed in {split_path} are not in "
-                               f"{root / SHARDS_DIR}, e.g. {missing[:5]}")
+                               f"{shards_root}, e.g. {missing[:5]}")
     table = pd.DataFrame(rows, columns=SPLIT_COLUMNS)
-    return Photos(ShardSet(str(root / SHARDS_DIR), tuple(shards)), table), table
+    return Photos(ShardSet(str(shards_root), tuple(shards)), table), table
 
 
 # --- the result ----------------------------------------------------------------------
@@ -373,8 +390,9 @@ def run(argv: Sequence[str], environ: Mapping[str, str]) -> TrainResult | None:
     cfg, seed, classes = parse_hyperparameters(raw)
     cache_bytes = _as_int("cache_bytes", raw["cache_bytes"]) if "cache_bytes" in raw else None
     channel = _directory(environ, CHANNEL_ENV, "the job's data channel (split.csv, shards/)")
+    shards = _directory(environ, SHARDS_CHANNEL_ENV, "the run's shards") if environ.get(SHARDS_CHANNEL_ENV) else None
     model_dir = _directory(environ, "SM_MODEL_DIR", "the folder for the trained model", create=True)
-    images, split_table = read_channel(channel)
+    images, split_table = read_channel(channel, shards)
     stray = sorted(set(split_table["label"]) - set(classes))
     if stray:
         raise TrainingJobError(f"split.csv has counts {stray} that are not among classes {classes}")
