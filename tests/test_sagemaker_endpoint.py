@@ -1,21 +1,28 @@
 """The SageMaker deploy target against a real moto server over HTTP (no boto3 mocks).
 
 What moto 5.2.5 does and does not do, and how these tests deal with it:
-- CreateModel / CreateEndpointConfig / CreateEndpoint / DescribeEndpoint work;
-  endpoints are InService at once; any role ARN is accepted (no IAM check).
+- CreateModel / CreateEndpointConfig / CreateEndpoint / DescribeEndpoint /
+  DeleteEndpoint work; endpoints are InService at once; any role ARN is
+  accepted (no IAM check).
 - InvokeEndpoint answers a canned body ``b"body"`` unless results are queued
-  at /moto-api/static/sagemaker/endpoint-results; binary (non-UTF-8) request
-  bodies make the server fail with 500, so smoke tests here send JSON (base64).
-- UpdateEndpoint is not implemented (500, NotImplementedError), and creating
-  an endpoint or model under an existing name silently overwrites it, where
-  SageMaker refuses. The update test therefore runs against a second moto
-  server with UpdateEndpoint added and those name checks made strict, as in
-  SageMaker (see MOTO_WITH_UPDATE_ENDPOINT).
+  at /moto-api/static/sagemaker/endpoint-results (how a test makes the smoke
+  test disagree). It does not check that the endpoint exists, and it caches
+  each answer by request body across all endpoints (it does not read the
+  endpoint name from the path), so a test that queues an answer sends an image
+  moto has not seen. Binary (non-UTF-8) request bodies make the server fail
+  with 500, so smoke tests here send JSON (base64).
+- UpdateEndpoint is not implemented (500, NotImplementedError), endpoints never
+  pass through Creating/Updating, nothing is refused while an operation is in
+  progress, and creating an endpoint or model under an existing name silently
+  overwrites it, where SageMaker refuses. Tests of updates, slow or failing
+  containers and rollbacks therefore run against a second moto server that adds
+  those, as SageMaker documents them (see MOTO_WITH_UPDATE_ENDPOINT).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -35,17 +42,26 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "flows" / "deploy" / "sagemaker.
 ROLE = "arn:aws:iam::123456789012:role/bincount-tests"
 BUCKET = "bincount-deploy-tests"
 
-# moto's server with UpdateEndpoint added, behaving as SageMaker documents it
-# (Updating, then InService on the new config), and with CreateModel /
-# CreateEndpointConfig / CreateEndpoint refusing names that exist, as SageMaker does.
+# moto's server made to behave like SageMaker where the deploy code depends on it:
+# - UpdateEndpoint added. CreateEndpoint / UpdateEndpoint leave the endpoint
+#   Creating / Updating; each DescribeEndpoint answers, then moves it on by how
+#   the model's container behaves, which the fake reads from the image tag (see
+#   CONTAINER_TAGS). On SageMaker the endpoint shows the new config while Updating.
+# - UpdateEndpoint and DeleteEndpoint are refused while an operation is in
+#   progress, and CreateModel / CreateEndpointConfig / CreateEndpoint refuse
+#   names that exist, as SageMaker does.
 MOTO_WITH_UPDATE_ENDPOINT = r'''
 import sys
+import time
 from moto.core.responses import ActionResult
 from moto.core.utils import utcnow
 from moto.sagemaker import models, responses
 from moto.sagemaker.exceptions import ValidationError
 
 Backend = models.SageMakerModelBackend
+IN_PROGRESS = {"Creating", "Updating"}
+SLOW_S = 2.0  # how long a ":slow" container takes to become healthy
+UNHEALTHY = "The primary container for production variant AllTraffic did not pass the ping health check."
 
 def refuse_existing(method, registry, argument, what):
     original = getattr(Backend, method)
@@ -60,37 +76,85 @@ refuse_existing("create_model", "_models", "model_name", "model")
 refuse_existing("create_endpoint_config", "endpoint_configs", "endpoint_config_name", "endpoint configuration")
 refuse_existing("create_endpoint", "endpoints", "endpoint_name", "endpoint")
 
+def refuse_in_progress(endpoint):
+    if endpoint.endpoint_status in IN_PROGRESS:
+        raise ValidationError(message=f"Cannot update in-progress endpoint \"{endpoint.arn}\".")
+
+def container(self, config_name):
+    model = self.describe_endpoint_config(config_name)["ProductionVariants"][0]["ModelName"]
+    return self._models[model].primary_container["Image"].rsplit(":", 1)[-1]
+
+def point_at(self, endpoint, config_name):
+    endpoint.endpoint_config_name = config_name
+    variants = self.describe_endpoint_config(config_name)["ProductionVariants"]
+    endpoint.production_variants = endpoint._process_production_variants(variants)
+    endpoint.last_modified_time = utcnow()
+
+def start(self, endpoint, status, config_name, previous):
+    point_at(self, endpoint, config_name)
+    endpoint.endpoint_status, endpoint.failure_reason = status, None
+    endpoint.pending = {"previous": previous, "since": time.monotonic()}
+
+def advance(self, endpoint):
+    pending = getattr(endpoint, "pending", None)
+    tag = container(self, endpoint.endpoint_config_name) if pending else None
+    if pending is None or tag == "never" or (tag == "slow" and time.monotonic() - pending["since"] < SLOW_S):
+        return
+    endpoint.pending, endpoint.endpoint_status = None, "InService"
+    if tag == "crash":
+        endpoint.failure_reason = UNHEALTHY
+        if pending["previous"] is None:
+            endpoint.endpoint_status = "Failed"
+        else:  # SageMaker rolls a failed update back by itself
+            point_at(self, endpoint, pending["previous"])
+
+original_create_endpoint = Backend.create_endpoint
+def create_endpoint(self, endpoint_name, endpoint_config_name, tags):
+    endpoint = original_create_endpoint(self, endpoint_name, endpoint_config_name, tags)
+    start(self, endpoint, "Creating", endpoint_config_name, None)
+    return endpoint
+
 def update_endpoint(self, endpoint_name, endpoint_config_name):
     endpoint = self.endpoints.get(endpoint_name)
     if endpoint is None:
         raise ValidationError(message=f"Could not find endpoint '{endpoint_name}'.")
-    config = self.describe_endpoint_config(endpoint_config_name)
-    endpoint.endpoint_config_name = endpoint_config_name
-    endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
-    endpoint.endpoint_status = "Updating"  # the next describe finishes the update
-    endpoint.last_modified_time = utcnow()
+    refuse_in_progress(endpoint)
+    start(self, endpoint, "Updating", endpoint_config_name, endpoint.endpoint_config_name)
     return endpoint
 
 original_describe = Backend.describe_endpoint
 def describe_endpoint(self, endpoint_name):
     answer = original_describe(self, endpoint_name)
-    endpoint = self.endpoints[endpoint_name]
-    if endpoint.endpoint_status == "Updating":
-        endpoint.endpoint_status = "InService"
+    advance(self, self.endpoints[endpoint_name])
     return answer
+
+original_delete = Backend.delete_endpoint
+def delete_endpoint(self, endpoint_name):
+    if endpoint_name in self.endpoints:
+        refuse_in_progress(self.endpoints[endpoint_name])
+    original_delete(self, endpoint_name)
 
 def update_endpoint_action(self):
     endpoint = self.sagemaker_backend.update_endpoint(self._get_param("EndpointName"),
                                                       self._get_param("EndpointConfigName"))
     return ActionResult({"EndpointArn": endpoint.arn})
 
+Backend.create_endpoint = create_endpoint
 Backend.update_endpoint = update_endpoint
 Backend.describe_endpoint = describe_endpoint
+Backend.delete_endpoint = delete_endpoint
 responses.SageMakerResponse.update_endpoint = update_endpoint_action
 
 from moto.server import main
 main(sys.argv[1:])
 '''
+
+# How a model's container behaves on the fake server above, by image tag.
+CONTAINER_TAGS = {
+    "slow": "healthy 2 s after the create/update started (a wait of 0.3 s times out)",
+    "never": "never healthy: the endpoint stays Creating/Updating (SageMaker gives up only after a long while)",
+    "crash": "fails its health check: a created endpoint ends Failed, an update is rolled back by SageMaker",
+}
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +250,166 @@ def test_second_deploy_updates_the_endpoint_in_place(moto_with_update, monkeypat
     assert clients["s3"].get_object(Bucket=BUCKET, Key="bincount/models/run-2/model.tar.gz")["Body"].read() == \
         pkg + b"v2"
     assert any("Updating" in line for line in seen) and any("InService" in line for line in seen)
+
+
+# --- a failed deployment never stays in production ---------------------------------
+
+def image(tag: str) -> str:
+    assert tag in CONTAINER_TAGS
+    return f"123456789012.dkr.ecr.us-east-1.amazonaws.com/bincount:{tag}"
+
+
+def new_image() -> dict[str, bytes]:
+    """One image moto has not seen: it caches an answer per request body, across all endpoints."""
+    return {"bin-1": b"\xff\xd8" + uuid.uuid4().bytes}
+
+
+def prediction(count: int) -> dict:
+    return {"count": count, "probabilities": {str(count): 0.9, "5": 0.1}}
+
+
+def queue_answers(moto_url: str, *predictions: dict) -> None:
+    """Make moto answer the next new invocations with our handler's JSON for ``predictions``."""
+    results = [{"Body": json.dumps({"predictions": [p]}), "ContentType": "application/json"} for p in predictions]
+    queued = requests.post(f"{moto_url}/moto-api/static/sagemaker/endpoint-results", json={"results": results},
+                           timeout=10)
+    assert queued.status_code == 201
+
+
+def config_of(sm, endpoint_name: str, run_id: str) -> str:
+    """The name of the endpoint config that ``run_id``'s deployment created."""
+    configs = sm.list_endpoint_configs(NameContains=f"{endpoint_name}-{run_id}-")["EndpointConfigs"]
+    assert len(configs) == 1, configs
+    return configs[0]["EndpointConfigName"]
+
+
+def endpoint_now(sm, name: str) -> tuple[str, str]:
+    endpoint = sm.describe_endpoint(EndpointName=name)
+    return endpoint["EndpointStatus"], endpoint["EndpointConfigName"]
+
+
+def deploy_twice(url: str, monkeypatch, package, second: dict | None = None, **kwargs) -> tuple[dict, dict, str]:
+    """Deploy run-1 (healthy), then run-2 to the same endpoint with ``second`` target settings and ``kwargs``.
+
+    Returns the clients, run-1's report and the message of the error run-2 must raise.
+    """
+    clients = point_at(url, monkeypatch)
+    pkg, meta = package
+    first_target = target()
+    first = deploy_to_sagemaker(pkg, {**meta, "run_id": "run-1"}, first_target, poll_s=0.05, log=lambda _: None)
+    second_target = target(endpoint_name=first_target.endpoint_name, **(second or {}))
+    own_clients = {"sagemaker_client": clients["sagemaker"], "s3_client": clients["s3"],
+                   "runtime_client": clients["sagemaker-runtime"]}
+    with pytest.raises(SageMakerDeployError) as error:
+        deploy_to_sagemaker(pkg + b"v2", {**meta, "run_id": "run-2"}, second_target, poll_s=0.05,
+                            **{"log": lambda _: None, **own_clients, **kwargs})
+    return clients, first, str(error.value)
+
+
+def assert_rolled_back(clients, first: dict, message: str, cause: str) -> str:
+    """The endpoint serves run-1's config again; the message names both configs and ``cause``."""
+    sm, name = clients["sagemaker"], first["endpoint_name"]
+    failed = config_of(sm, name, "run-2")
+    assert endpoint_now(sm, name) == ("InService", first["endpoint_config_name"])
+    assert re.search(f"deploying endpoint config {failed} to endpoint {name} failed: .*{cause}", message), message
+    assert f"Rolled back: endpoint {name} is InService on its previous endpoint config " \
+           f"{first['endpoint_config_name']} again" in message, message
+    sm.describe_endpoint_config(EndpointConfigName=failed)  # kept for inspection, as the message says
+    sm.describe_model(ModelName=failed)
+    return failed
+
+
+def test_a_disagreeing_smoke_test_rolls_the_update_back(moto_with_update, monkeypatch, package):
+    queue_answers(moto_with_update, prediction(2))  # the endpoint counts 2 where the model in-process counts 1
+    clients, first, message = deploy_twice(moto_with_update, monkeypatch, package,
+                                           smoke_images=new_image(),
+                                           expected={"bin-1": prediction(1)})
+    assert_rolled_back(clients, first, message,
+                       r"smoke test of endpoint \S+ failed: 0 of 1 answers matched.*'endpoint': \{'count': 2")
+
+
+def test_a_failed_invocation_rolls_the_update_back(moto_with_update, monkeypatch, package):
+    # A real fault: the runtime API (its own host on AWS) cannot be reached, while the control plane can.
+    closed = free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    unreachable = make_clients("us-east-1")["sagemaker-runtime"]
+    clients, first, message = deploy_twice(moto_with_update, monkeypatch, package, runtime_client=unreachable,
+                                           smoke_images=new_image(),
+                                           expected={"bin-1": prediction(1)})
+    assert_rolled_back(clients, first, message, f"invoking endpoint \\S+ with bin-1: cannot reach AWS.*{closed}")
+
+
+def test_an_update_that_does_not_finish_in_time_is_rolled_back_once_it_settles(moto_with_update, monkeypatch,
+                                                                               package):
+    seen = []
+    clients, first, message = deploy_twice(moto_with_update, monkeypatch, package,
+                                           {"image_uri": image("slow"), "wait_timeout_s": 0.3},
+                                           rollback_timeout_s=15, log=seen.append)
+    failed = assert_rolled_back(clients, first, message, r"not InService on \S+ after 0.3 s \(status Updating\)")
+    # SageMaker refuses to update an endpoint that is Updating: the rollback waited for the update to end.
+    assert any(f"rolling back to {first['endpoint_config_name']}" in line for line in seen), seen
+    assert any("Updating, waiting for it to finish" in line for line in seen), seen
+    assert failed in message
+
+
+def test_an_update_sagemaker_rolled_back_itself_is_reported_as_rolled_back(moto_with_update, monkeypatch, package):
+    seen = []
+    clients, first, message = deploy_twice(moto_with_update, monkeypatch, package, {"image_uri": image("crash")},
+                                           log=seen.append)
+    assert_rolled_back(clients, first, message, "was rolled back.*did not pass the ping health check")
+    assert any("already serves" in line for line in seen), seen  # no second UpdateEndpoint was needed
+
+
+def test_a_rollback_that_fails_says_what_serves_and_the_command_to_restore(moto_with_update, monkeypatch,
+                                                                           package):
+    clients, first, message = deploy_twice(moto_with_update, monkeypatch, package,
+                                           {"image_uri": image("never"), "wait_timeout_s": 0.3},
+                                           rollback_timeout_s=0.3)
+    sm, name, previous = clients["sagemaker"], first["endpoint_name"], first["endpoint_config_name"]
+    failed = config_of(sm, name, "run-2")
+    assert endpoint_now(sm, name) == ("Updating", failed)  # what the message warns about
+    assert f"deploying endpoint config {failed} to endpoint {name} failed: endpoint {name} not InService on " \
+           f"{failed} after 0.3 s (status Updating)" in message, message
+    assert f"Rolling back to the previous endpoint config {previous} failed too: endpoint {name} still Updating on " \
+           f"{failed} after 0.3 s" in message, message
+    assert f"The endpoint may still serve {failed}" in message
+    assert message.endswith(f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name {previous}")
+
+
+def test_a_failed_first_deployment_deletes_the_endpoint_and_keeps_model_and_config(s3_endpoint, monkeypatch,
+                                                                                   package):
+    clients = point_at(s3_endpoint, monkeypatch)
+    sm, tgt = clients["sagemaker"], target()
+    queue_answers(s3_endpoint, prediction(3))
+    with pytest.raises(SageMakerDeployError) as error:
+        deploy_to_sagemaker(package[0], {**package[1], "run_id": "run-1"}, tgt,
+                            smoke_images=new_image(), expected={"bin-1": prediction(1)},
+                            poll_s=0.05, log=lambda _: None)
+    message, name = str(error.value), tgt.endpoint_name
+    failed = config_of(sm, name, "run-1")
+    with pytest.raises(sm.exceptions.ClientError, match="Could not find endpoint"):
+        sm.describe_endpoint(EndpointName=name)
+    sm.describe_endpoint_config(EndpointConfigName=failed)  # kept, as the message says
+    sm.describe_model(ModelName=failed)
+    assert re.search(f"creating endpoint {name} with endpoint config {failed} failed: the smoke test of endpoint "
+                     f"{name} failed: 0 of 1 answers matched", message), message
+    assert f"The new endpoint {name} was deleted" in message
+    assert f"aws sagemaker delete-model --model-name {failed}" in message
+
+
+def test_a_first_deployment_that_cannot_be_deleted_says_how_to_delete_it(moto_with_update, monkeypatch, package):
+    clients = point_at(moto_with_update, monkeypatch)
+    sm, tgt = clients["sagemaker"], target(image_uri=image("never"), wait_timeout_s=0.3)
+    with pytest.raises(SageMakerDeployError) as error:
+        deploy_to_sagemaker(package[0], {**package[1], "run_id": "run-1"}, tgt, poll_s=0.05, rollback_timeout_s=0.3,
+                            log=lambda _: None)
+    message, name = str(error.value), tgt.endpoint_name
+    failed = config_of(sm, name, "run-1")
+    assert endpoint_now(sm, name) == ("Creating", failed)  # SageMaker refuses to delete it while Creating
+    assert f"creating endpoint {name} with endpoint config {failed} failed: endpoint {name} not InService" in message
+    assert f"Deleting the new endpoint failed too: endpoint {name} still Creating on {failed}" in message
+    assert "It may still be running and costing money" in message
+    assert f"aws sagemaker delete-endpoint --endpoint-name {name}." in message
 
 
 def test_smoke_test_checks_answers_in_our_format(s3_endpoint, monkeypatch):
@@ -319,6 +543,6 @@ def test_wait_detects_a_rolled_back_update():
 
 def test_wait_times_out():
     start = time.monotonic()
-    with pytest.raises(SageMakerDeployError, match="not InService on new after 0 s.*Creating"):
+    with pytest.raises(SageMakerDeployError, match=r"not InService on new after 0.3 s \(status Creating\)"):
         wait_in_service(scripted(("Creating", "new")), "new", timeout_s=0.3, poll_s=0.05, log=lambda _: None)
     assert time.monotonic() - start < 5

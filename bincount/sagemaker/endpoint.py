@@ -11,6 +11,16 @@ to the new config with UpdateEndpoint, which SageMaker does without downtime
 (and rolls back on failure), instead of being deleted and re-created. Old
 models and configs are left in place, so going back is one UpdateEndpoint.
 
+A deployment that fails once the endpoint has started to change (the wait
+fails or times out, invoking fails, the smoke test disagrees) never stays in
+production: an updated endpoint is moved back to its previous config and
+waited for; a newly created one is deleted. Either way the error names the
+failed config, what serves now and the cause. The failed Model and
+EndpointConfig are kept: they cost nothing, show what was deployed, and
+SageMaker advises against deleting a config while an endpoint operation on it
+may still be running. If going back fails too, the error says so and gives
+the AWS CLI command that finishes the job.
+
 Settings come from a JSON file given to the flow as ``--config deploy PATH``
 (see ``flows/deploy/sagemaker.example.json``); :meth:`SageMakerTarget.from_config`
 checks it before anything is trained.
@@ -226,8 +236,31 @@ def wait_in_service(describe: Callable[[], dict], config_name: str, *, timeout_s
                                        f"was rolled back; it still serves {current}: {reason}")
         if time.monotonic() >= deadline:
             raise SageMakerDeployError(f"endpoint {endpoint.get('EndpointName')} not InService on {config_name} "
-                                       f"after {timeout_s:.0f} s (status {status}); it may still finish: "
-                                       "check the SageMaker console")
+                                       f"after {timeout_s:g} s (status {status})")
+        time.sleep(poll_s)
+
+
+def wait_settled(describe: Callable[[], dict], *, timeout_s: float, poll_s: float,
+                 log: Callable[[str], None] = print) -> dict:
+    """Poll until the endpoint is no longer Creating/Updating/...; raise on timeout.
+
+    SageMaker refuses UpdateEndpoint and DeleteEndpoint while an operation is in
+    progress ("Cannot update in-progress endpoint"), so undoing a deployment
+    starts by waiting this out.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_status = None
+    while True:
+        endpoint = describe()
+        status = endpoint.get("EndpointStatus")
+        if status not in IN_PROGRESS:
+            return endpoint
+        if status != last_status:
+            log(f"endpoint {endpoint.get('EndpointName')}: {status}, waiting for it to finish")
+            last_status = status
+        if time.monotonic() >= deadline:
+            raise SageMakerDeployError(f"endpoint {endpoint.get('EndpointName')} still {status} on "
+                                       f"{endpoint.get('EndpointConfigName')} after {timeout_s:g} s")
         time.sleep(poll_s)
 
 
@@ -289,15 +322,90 @@ def smoke_test_sagemaker(runtime, endpoint_name: str, images: Mapping[str, bytes
             "unverified": unverified, "mismatches": mismatches, "summary": summary, **stats}
 
 
+def check_smoke_test(endpoint_name: str, report: dict) -> None:
+    """Raise when the endpoint's answers disagree with the in-process predictions."""
+    if report["mismatches"]:
+        raise SageMakerDeployError(f"the smoke test of endpoint {endpoint_name} failed: {report['summary']}; "
+                                   f"first disagreements: {report['mismatches'][:3]}")
+
+
+# --- undoing a failed deployment --------------------------------------------------
+
+def restore_config(sagemaker, name: str, config_name: str, *, timeout_s: float, poll_s: float,
+                   log: Callable[[str], None]) -> None:
+    """Put endpoint ``name`` back on ``config_name`` and wait until it serves it again.
+
+    ``timeout_s`` bounds each of the two waits: for an update still in
+    progress to finish, and for the endpoint to be InService on ``config_name``.
+    """
+    def describe() -> dict:
+        return _aws_call(f"looking up endpoint {name}", sagemaker.describe_endpoint, EndpointName=name)
+
+    endpoint = wait_settled(describe, timeout_s=timeout_s, poll_s=poll_s, log=log)
+    if endpoint.get("EndpointStatus") == "InService" and endpoint.get("EndpointConfigName") == config_name:
+        log(f"endpoint {name} already serves {config_name} again (SageMaker rolled the update back)")
+        return
+    _aws_call(f"updating endpoint {name} back to {config_name}", sagemaker.update_endpoint, EndpointName=name,
+              EndpointConfigName=config_name)
+    wait_in_service(describe, config_name, timeout_s=timeout_s, poll_s=poll_s, log=log)
+
+
+def roll_back(sagemaker, name: str, failed: str, previous: str, cause: Exception, *, timeout_s: float,
+              poll_s: float, log: Callable[[str], None]) -> SageMakerDeployError:
+    """Move endpoint ``name`` back to ``previous``; the error to raise says how that went."""
+    log(f"deploying {failed} to endpoint {name} failed ({cause}); rolling back to {previous}")
+    try:
+        restore_config(sagemaker, name, previous, timeout_s=timeout_s, poll_s=poll_s, log=log)
+    except Exception as failure:  # whatever went wrong, the message must say what serves and how to fix it
+        return SageMakerDeployError(
+            f"deploying endpoint config {failed} to endpoint {name} failed: {cause}. Rolling back to the previous "
+            f"endpoint config {previous} failed too: {failure}. The endpoint may still serve {failed}. Restore it "
+            f"once it is no longer Creating/Updating (aws sagemaker describe-endpoint --endpoint-name {name}): "
+            f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name {previous}")
+    return SageMakerDeployError(
+        f"deploying endpoint config {failed} to endpoint {name} failed: {cause}. Rolled back: endpoint {name} is "
+        f"InService on its previous endpoint config {previous} again. Model and endpoint config {failed} are kept "
+        "for inspection.")
+
+
+def remove_new_endpoint(sagemaker, name: str, failed: str, cause: Exception, *, timeout_s: float, poll_s: float,
+                        log: Callable[[str], None]) -> SageMakerDeployError:
+    """Delete endpoint ``name``, created by a deployment that failed; the error to raise says how that went.
+
+    It had never served anything else, so there is nothing to go back to, and
+    a Failed or unchecked endpoint left in place costs money and blocks the
+    next deployment (a Failed endpoint cannot be updated).
+    """
+    log(f"creating endpoint {name} with {failed} failed ({cause}); deleting the endpoint")
+    kept = (f"Model and endpoint config {failed} are kept for inspection (aws sagemaker delete-endpoint-config "
+            f"--endpoint-config-name {failed}; aws sagemaker delete-model --model-name {failed}).")
+    try:
+        wait_settled(lambda: _aws_call(f"looking up endpoint {name}", sagemaker.describe_endpoint, EndpointName=name),
+                     timeout_s=timeout_s, poll_s=poll_s, log=log)
+        _aws_call(f"deleting endpoint {name}", sagemaker.delete_endpoint, EndpointName=name)
+    except Exception as failure:  # whatever went wrong, the message must say what is left and how to remove it
+        return SageMakerDeployError(
+            f"creating endpoint {name} with endpoint config {failed} failed: {cause}. Deleting the new endpoint "
+            f"failed too: {failure}. It may still be running and costing money: once it is no longer Creating "
+            f"(aws sagemaker describe-endpoint --endpoint-name {name}), delete it: "
+            f"aws sagemaker delete-endpoint --endpoint-name {name}. {kept}")
+    return SageMakerDeployError(
+        f"creating endpoint {name} with endpoint config {failed} failed: {cause}. The new endpoint {name} was "
+        f"deleted (it served nothing before). {kept}")
+
+
 # --- the whole deployment -----------------------------------------------------
 
 def deploy_to_sagemaker(package: bytes, meta: ModelMeta | dict, target: SageMakerTarget, *,
                         smoke_images: Mapping[str, bytes] | None = None, expected: Mapping[str, dict] | None = None,
                         sagemaker_client=None, s3_client=None, runtime_client=None, poll_s: float = 15,
-                        log: Callable[[str], None] = print) -> dict:
+                        rollback_timeout_s: float | None = None, log: Callable[[str], None] = print) -> dict:
     """Upload ``package``, serve it from ``target.endpoint_name``, smoke-test it; return a report.
 
-    Mismatches are reported, not raised: the caller decides (the flow fails the run).
+    Any failure once the endpoint has started to change, a smoke test that
+    disagrees with ``expected`` included, undoes the change (see the module
+    docstring) and raises SageMakerDeployError. ``rollback_timeout_s``
+    (default ``target.wait_timeout_s``) bounds each wait of the undoing.
     """
     run_id = str(ModelMeta.from_dict(meta).run_id or "")
     if not run_id:
@@ -315,13 +423,14 @@ def deploy_to_sagemaker(package: bytes, meta: ModelMeta | dict, target: SageMake
     create_endpoint_config(sagemaker, name, name, target)
     action, previous = create_or_update_endpoint(sagemaker, target.endpoint_name, name)
     log(f"{'creating' if action == 'created' else 'updating'} endpoint {target.endpoint_name} with {name}")
-    endpoint = wait_in_service(
-        lambda: _aws_call(f"waiting for endpoint {target.endpoint_name}", sagemaker.describe_endpoint,
-                          EndpointName=target.endpoint_name),
-        name, timeout_s=target.wait_timeout_s, poll_s=poll_s, log=log)
-    report = smoke_test_sagemaker(runtime, target.endpoint_name, smoke_images or {}, expected or {},
-                                  target.smoke_content_type)
-    log(f"smoke test of {target.endpoint_name}: {report['summary']}")
+    try:
+        endpoint, report = _serve_and_check(sagemaker, runtime, target, name, smoke_images or {}, expected or {},
+                                            poll_s=poll_s, log=log)
+    except Exception as cause:  # any failure from here on: the endpoint must not keep serving `name`
+        undo = dict(timeout_s=rollback_timeout_s or target.wait_timeout_s, poll_s=poll_s, log=log)
+        if action == "updated":
+            raise roll_back(sagemaker, target.endpoint_name, name, previous, cause, **undo) from cause
+        raise remove_new_endpoint(sagemaker, target.endpoint_name, name, cause, **undo) from cause
     return {"target": "sagemaker", "endpoint_name": target.endpoint_name, "endpoint_arn": endpoint["EndpointArn"],
             "model_name": name, "endpoint_config_name": name, "model_data_url": model_data_url,
             "package_sha256": hashlib.sha256(package).hexdigest(), "package_bytes": len(package),
@@ -330,3 +439,16 @@ def deploy_to_sagemaker(package: bytes, meta: ModelMeta | dict, target: SageMake
             "image_uri": target.image_uri, "instance_type": target.instance_type,
             "instance_count": target.instance_count,
             "smoke_test": report}
+
+
+def _serve_and_check(sagemaker, runtime, target: SageMakerTarget, config_name: str, images: Mapping[str, bytes],
+                     expected: Mapping[str, dict], *, poll_s: float, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Wait until the endpoint serves ``config_name``, smoke-test it; (its description, the smoke report)."""
+    name = target.endpoint_name
+    endpoint = wait_in_service(
+        lambda: _aws_call(f"waiting for endpoint {name}", sagemaker.describe_endpoint, EndpointName=name),
+        config_name, timeout_s=target.wait_timeout_s, poll_s=poll_s, log=log)
+    report = smoke_test_sagemaker(runtime, name, images, expected, target.smoke_content_type)
+    log(f"smoke test of {name}: {report['summary']}")
+    check_smoke_test(name, report)
+    return endpoint, report
