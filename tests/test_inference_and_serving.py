@@ -23,11 +23,11 @@ def endpoint(package):
         yield running
 
 
-def png_bytes():
+def png_bytes(format="PNG", size=(50, 40)):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (50, 40), (10, 200, 30)).save(buf, format="PNG")
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format=format)
     return buf.getvalue()
 
 
@@ -108,6 +108,10 @@ def test_handler_answers_counts_with_probabilities(tiny_model, synthetic_jpegs):
     (b"{", "application/json", 400, "malformed JSON"),
     (b'{"instances": []}', "application/json", 400, "at least one image"),
     (b'{"instances": ["@@@"]}', "application/json", 400, "not valid base64"),
+    (png_bytes("GIF"), "image/png", 415, "is a GIF image: only JPEG and PNG are decoded"),
+    (png_bytes("JPEG", (4000, 2500)), "image/jpeg", 413, "too many pixels"),
+    (json.dumps([base64.b64encode(png_bytes("JPEG", (2000, 2000))).decode()] * 5).encode(), "application/json",
+     413, "20,000,000 pixels in all"),
 ])
 def test_handler_rejects_bad_requests_clearly(body, content_type, status, message):
     with pytest.raises(inference.RequestError, match=message) as error:

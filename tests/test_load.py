@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import contextlib
 import io
 import json
 import random
+import re
 import struct
 import threading
 import time
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import requests
+from serving_helpers import serve_in_thread
 
 from bincount.serving import handler as inference
 from bincount.serving.endpoint import start_local_endpoint
@@ -195,29 +196,6 @@ def expected(tiny_model, jpegs) -> dict[bytes, dict]:
     return {raw: predictor.predict_bytes([raw])[0] for raw in jpegs}
 
 
-@contextlib.contextmanager
-def serve_in_thread(app):
-    """``app`` on uvicorn in a thread of this process, so a test can reach inside its model."""
-    import uvicorn
-
-    from conftest import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
-
 # --- The load test -------------------------------------------------------------
 
 def test_endpoint_under_load_answers_good_and_bad_requests_correctly(tiny_model, jpegs, expected):
@@ -264,17 +242,17 @@ def white_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def test_model_error_is_a_json_500_and_spares_the_batch_and_later_requests(tiny_model, jpegs, expected):
+def test_model_error_is_a_json_500_and_spares_the_batch_and_later_requests(tiny_model, jpegs, expected, caplog):
     predictor = inference.load_predictor(*tiny_model)
     model = PoisonedModel(predictor.models[0])
     predictor.models[0] = model
     app = create_app(predictor, max_batch_size=8, max_batch_delay_ms=20)
     image = {"Content-Type": "image/jpeg"}
     good = [Case(f"jpeg {i}", raw, image, 200, [raw]) for i, raw in enumerate(jpegs)]
-    poison = Case("white", white_jpeg(), image, 500, message="poisoned input")
+    poison = Case("white", white_jpeg(), image, 500, message="internal error")
     cases = [poison if i % 6 == 0 else good[i % len(good)] for i in range(240)]
 
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app) as (url, _):
         outcomes, _ = send_all(url, cases, clients=8, deadline_s=60)
         after = requests.post(f"{url}/invocations", data=jpegs[0], headers=image, timeout=10)
         ping = requests.get(f"{url}/ping", timeout=5)
@@ -283,9 +261,14 @@ def test_model_error_is_a_json_500_and_spares_the_batch_and_later_requests(tiny_
              and o.status != 200]
     assert not wrong, f"good requests failed (batched with a poisoned one?): {wrong[:5]}"
     assert not problems([o for o in outcomes if o.case is not poison], expected)
+    logged = {r.args[0]: r for r in caplog.records if r.msg.startswith("internal error") and r.args}
     for o in outcomes:
-        if o.case is poison:
-            assert o.status == 500 and "poisoned input" in json.loads(o.text)["error"], o.text
+        if o.case is poison:  # the client gets an id; the server's log has the cause under it
+            assert o.status == 500, o.text
+            incident = re.fullmatch(r"internal error \(id (\w+)\); the server's log has the details",
+                                    json.loads(o.text)["error"])
+            assert incident, o.text
+            assert "poisoned input" in str(logged[incident[1]].exc_info[1])
     assert after.status_code == 200 and ping.status_code == 200
     assert max(model.batch_sizes) > 1, "concurrent requests never shared a forward pass"
     assert max(model.batch_sizes) <= 8

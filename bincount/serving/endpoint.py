@@ -4,7 +4,9 @@
 ``bincount.serving.server`` from it in a subprocess (its ``code/`` first on the
 import path, as SageMaker would); ``smoke_test`` sends it test images over
 HTTP, checks its answers against in-process predictions and records latency.
-``deploy_local`` is both, the ``local`` deploy target.
+``deploy_local`` is both, the ``local`` deploy target. The server never
+outlives the process that started it, nor does its work folder
+(bincount.serving.lifetime).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bincount.serving.lifetime import EXIT_WITH_PARENT_ENV, WORKDIR_ENV, WORKDIR_PREFIX, remove_workdir
 from bincount.serving.package import extract_package
 
 STARTUP_TIMEOUT_S = 300  # loading and timing an ensemble on a busy CPU takes a while
@@ -50,10 +53,19 @@ def invoke(url: str, raw: bytes, content_type: str = "image/jpeg", timeout: floa
 
 @dataclass
 class LocalEndpoint:
+    """A server started by :func:`start_local_endpoint`.
+
+    It never outlives the process that started it (see bincount.serving.lifetime):
+    ``process.stdin`` is a pipe that only this process holds, and the server stops and
+    removes ``workdir`` when that pipe closes, however this process ends. ``stop``
+    stops it and removes ``workdir`` here, log included: read ``log()`` before.
+    """
+
     url: str
     process: subprocess.Popen
     model_dir: Path
     log_path: Path
+    workdir: Path | None = None  # removed by stop(); None when the caller's folder was given
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -66,6 +78,9 @@ class LocalEndpoint:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stdin:
+            self.process.stdin.close()
+        remove_workdir(self.workdir)
 
     def __enter__(self):
         return self
@@ -76,31 +91,48 @@ class LocalEndpoint:
 
 def start_local_endpoint(package: bytes, *, port: int | None = None, workdir: str | Path | None = None,
                          timeout: float = STARTUP_TIMEOUT_S) -> LocalEndpoint:
-    """Extract ``package`` and serve it on 127.0.0.1; return once /ping answers."""
+    """Extract ``package`` and serve it on 127.0.0.1; return once /ping answers.
+
+    Without ``workdir``, the package and the server's log go to a new temporary folder
+    named ``bincount-endpoint-*``, removed when the endpoint stops or the process that
+    started it ends; a ``workdir`` given is the caller's, and kept.
+    """
     import requests
 
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="bincount-endpoint-"))
-    model_dir = extract_package(package, workdir / "model")
+    owned = None if workdir else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    workdir = Path(workdir or owned)
+    try:
+        model_dir = extract_package(package, workdir / "model")
+    except BaseException:
+        remove_workdir(owned)
+        raise
     port = port or free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(model_dir / "code"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(model_dir / "code"), os.environ.get("PYTHONPATH", "")]),
+               **{EXIT_WITH_PARENT_ENV: str(os.getpid()), WORKDIR_ENV: str(owned or "")})
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
+        # stdin is the pipe that ties the server's life to this process: only this process
+        # holds its write end (Popen's pipes are not inherited by other children), and it
+        # writes nothing to it; the server stops when it closes (bincount.serving.lifetime).
         process = subprocess.Popen(
             [sys.executable, "-m", "bincount.serving.server", "--model-dir", str(model_dir), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    endpoint = LocalEndpoint(f"http://127.0.0.1:{port}", process, model_dir, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise EndpointError(f"the endpoint exited with code {process.returncode}:\n{endpoint.log()[-2000:]}")
-        try:
-            if requests.get(f"{endpoint.url}/ping", timeout=2).status_code == 200:
-                return endpoint
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    endpoint.stop()
-    raise EndpointError(f"the endpoint did not answer /ping within {timeout:.0f} s:\n{endpoint.log()[-2000:]}")
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    endpoint = LocalEndpoint(f"http://127.0.0.1:{port}", process, model_dir, log_path, owned)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise EndpointError(f"the endpoint exited with code {process.returncode}:\n{endpoint.log()[-2000:]}")
+            try:
+                if requests.get(f"{endpoint.url}/ping", timeout=2).status_code == 200:
+                    return endpoint
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise EndpointError(f"the endpoint did not answer /ping within {timeout:.0f} s:\n{endpoint.log()[-2000:]}")
+    except BaseException:  # the log is in the message; Ctrl-C while waiting must not leave a server either
+        endpoint.stop()
+        raise
 
 
 def smoke_test(url: str, images: dict[str, bytes], expected: dict[str, dict]) -> dict:

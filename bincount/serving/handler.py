@@ -14,12 +14,19 @@ Requests: one image (``image/jpeg``, ``image/png``, ``application/x-image``), or
 ``application/json`` ``{"instances": [{"b64": "..."}, ...]}`` (a bare list of
 base64 strings also works). Response: ``{"predictions": [{"count", "probabilities",
 "run_id"}, ...]}``.
+
+Only JPEG and PNG are decoded, whatever else Pillow could read (another format
+gets 415). An image may have at most MAX_IMAGE_PIXELS pixels and a request
+MAX_REQUEST_PIXELS in all (413), both checked from the headers before any pixel
+is decoded: a small body must not cost seconds of CPU. 16-bit greyscale PNGs are
+scaled to 8 bits; other modes that would not decode to the right colours get 415.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -29,9 +36,29 @@ from bincount.model.predictor import Predictor, load_predictor
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "application/x-image"}
 JSON_TYPE = "application/json"
-# Far above a bin photo (about 480x430), far below what exhausts memory.
-MAX_IMAGE_PIXELS = 40_000_000
+FORMATS = ("JPEG", "PNG")  # what the endpoint documents; Image.open tries no other decoder
+# A bin photo is about 0.2 Mpx (about 480x430) and the model sees 224x224 or less:
+# 8 Mpx per image leaves 40x room (a 3264x2448 phone photo fits), and 16 Mpx per request
+# admits 64 bin photos, the most a request may hold, while bounding a request's decoding
+# to well under a second of CPU.
+MAX_IMAGE_PIXELS = 8_000_000
+MAX_REQUEST_PIXELS = 16_000_000
 MAX_BATCH = 64
+# Modes that Image.convert("RGB") turns into the right colours as they are.
+PLAIN_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "CMYK"}
+# 16-bit greyscale (PNG): convert("RGB") clips every value over 255, so all but the
+# darkest pixels came out white. Scaled to 8 bits here instead.
+WIDE_GREY_MODES = {"I;16", "I;16B", "I;16L", "I"}
+# Other image formats, named in the 415 that refuses them (by their magic bytes: asking
+# Pillow would run the very decoders that FORMATS keeps away from untrusted bytes).
+OTHER_FORMATS = [
+    ("GIF", lambda b: b[:6] in (b"GIF87a", b"GIF89a")),
+    ("TIFF", lambda b: b[:4] in (b"II*\0", b"MM\0*")),
+    ("BMP", lambda b: b[:2] == b"BM" and int.from_bytes(b[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)),
+    ("WebP", lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"),
+    ("JPEG 2000", lambda b: b[:12] == b"\0\0\0\x0cjP  \r\n\x87\n" or b[:4] == b"\xff\x4f\xff\x51"),
+    ("HEIF/AVIF", lambda b: b[4:8] == b"ftyp" and b[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis")),
+]
 
 
 class RequestError(ValueError):
@@ -49,63 +76,8 @@ def model_fn(model_dir: str) -> Predictor:
     return load_predictor(model_dir / "model.pt", ModelMeta.read(model_dir / "model.json"))
 
 
-def _checked_image(raw: bytes, what: str) -> bytes:
-    """``raw`` if it is a complete, readable image of at most MAX_IMAGE_PIXELS, else RequestError.
-
-    The size is checked from the header, before any pixel is decoded. (Not by
-    turning PIL's DecompressionBombWarning into an error: warnings.catch_warnings
-    changes process-wide state and is not safe with concurrent requests.)
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL itself refuses above twice this, at open
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{image.width}x{image.height}")
-            # A JPEG is checked at 1/8 scale: libjpeg still reads every byte (so a
-            # truncated or corrupt file fails as at full size) but skips most of
-            # the work; the pixels are decoded properly later. Other formats: no-op.
-            image.draft(image.mode, (1, 1))
-            image.load()
-    except UnidentifiedImageError:
-        raise RequestError(f"{what} is not an image (JPEG or PNG expected)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(f"{what} has too many pixels (limit {MAX_IMAGE_PIXELS})", 413) from None
-    except Exception as e:  # noqa: BLE001 - only untrusted bytes are parsed here: any failure is theirs
-        raise RequestError(f"{what} could not be decoded: {e}") from None
-    return raw
-
-
 def input_fn(request_body: bytes, request_content_type: str) -> list[bytes]:
-    content_type = (request_content_type or "").split(";")[0].strip().lower()
-    if isinstance(request_body, str):
-        request_body = request_body.encode()
-    if content_type in IMAGE_TYPES:
-        return [_checked_image(request_body, "the request body")]
-    if content_type != JSON_TYPE:
-        raise RequestError(f"unsupported content type {request_content_type!r}; send one of "
-                           f"{sorted(IMAGE_TYPES | {JSON_TYPE})}", 415)
-    try:
-        payload = json.loads(request_body)
-    except (ValueError, RecursionError) as e:  # also: bad UTF-8, over-long integers, deep nesting
-        raise RequestError(f"malformed JSON: {e}") from None
-    instances = payload.get("instances") if isinstance(payload, dict) else payload
-    if not isinstance(instances, list) or not instances:
-        raise RequestError('expected {"instances": [{"b64": "<base64 image>"}, ...]} with at least one image')
-    if len(instances) > MAX_BATCH:
-        raise RequestError(f"at most {MAX_BATCH} images per request, got {len(instances)}", 413)
-    images = []
-    for i, item in enumerate(instances):
-        encoded = item.get("b64") if isinstance(item, dict) else item
-        if not isinstance(encoded, str):
-            raise RequestError(f"instance {i}: expected a base64 string or {{\"b64\": ...}}")
-        try:
-            raw = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(f"instance {i}: not valid base64") from None
-        images.append(_checked_image(raw, f"instance {i}"))
-    return images
+    return read_images(request_body, request_content_type)
 
 
 def predict_fn(input_data: list[bytes], model: Predictor) -> list[dict]:
@@ -127,3 +99,110 @@ def check_accept(accept: str | None) -> str:
 def output_fn(prediction: list[dict], accept: str = JSON_TYPE) -> str:
     check_accept(accept)
     return json.dumps({"predictions": prediction})
+
+
+# --- Reading a request ---------------------------------------------------------------
+
+def read_images(request_body: bytes, request_content_type: str, *, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                max_request_pixels: int = MAX_REQUEST_PIXELS) -> list[bytes]:
+    """A request's images, each checked to be a complete JPEG or PNG within the pixel limits,
+    or RequestError. An image is returned as it came, except a 16-bit one: as an 8-bit PNG."""
+    encoded = _encoded_images(request_body, request_content_type)
+    with contextlib.ExitStack() as opened:
+        # Every header first: a request over its budget is refused before any pixel is decoded.
+        images = [opened.enter_context(_open(raw, what, max_image_pixels)) for what, raw in encoded]
+        total = sum(image.width * image.height for image in images)
+        if total > max_request_pixels:
+            raise RequestError(f"the request's images have {total:,} pixels in all, over the limit of "
+                               f"{max_request_pixels:,} per request: send fewer or smaller images", 413)
+        return [_checked(image, raw, what) for image, (what, raw) in zip(images, encoded)]
+
+
+def _encoded_images(request_body: bytes, request_content_type: str) -> list[tuple[str, bytes]]:
+    """(what to call it in an error, its bytes) for each image of a request."""
+    content_type = (request_content_type or "").split(";")[0].strip().lower()
+    if isinstance(request_body, str):
+        request_body = request_body.encode()
+    if content_type in IMAGE_TYPES:
+        return [("the request body", request_body)]
+    if content_type != JSON_TYPE:
+        raise RequestError(f"unsupported content type {request_content_type!r}; send one of "
+                           f"{sorted(IMAGE_TYPES | {JSON_TYPE})}", 415)
+    try:
+        payload = json.loads(request_body)
+    except (ValueError, RecursionError) as e:  # also: bad UTF-8, over-long integers, deep nesting
+        raise RequestError(f"malformed JSON: {e}") from None
+    instances = payload.get("instances") if isinstance(payload, dict) else payload
+    if not isinstance(instances, list) or not instances:
+        raise RequestError('expected {"instances": [{"b64": "<base64 image>"}, ...]} with at least one image')
+    if len(instances) > MAX_BATCH:
+        raise RequestError(f"at most {MAX_BATCH} images per request, got {len(instances)}", 413)
+    images = []
+    for i, item in enumerate(instances):
+        encoded = item.get("b64") if isinstance(item, dict) else item
+        if not isinstance(encoded, str):
+            raise RequestError(f"instance {i}: expected a base64 string or {{\"b64\": ...}}")
+        try:
+            images.append((f"instance {i}", base64.b64decode(encoded, validate=True)))
+        except (binascii.Error, ValueError):
+            raise RequestError(f"instance {i}: not valid base64") from None
+    return images
+
+
+def _open(raw: bytes, what: str, max_image_pixels: int):
+    """``raw`` opened as a JPEG or PNG, its header read and checked, no pixel decoded; or RequestError.
+
+    The size is checked from the header. (Not by turning PIL's DecompressionBombWarning into
+    an error: warnings.catch_warnings changes process-wide state and is not safe with
+    concurrent requests.)
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = max_image_pixels  # PIL itself refuses above twice this, at open
+    too_many = RequestError(f"{what} has too many pixels (limit {max_image_pixels:,} per image)", 413)
+    try:
+        image = Image.open(io.BytesIO(raw), formats=FORMATS)
+    except UnidentifiedImageError:
+        other = next((name for name, matches in OTHER_FORMATS if matches(raw)), None)
+        if other:
+            raise RequestError(f"{what} is a {other} image: only JPEG and PNG are decoded", 415) from None
+        raise RequestError(f"{what} is not an image (JPEG or PNG expected)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_many from None
+    except Exception as e:  # noqa: BLE001 - only untrusted bytes are parsed here: any failure is theirs
+        raise RequestError(f"{what} could not be decoded: {e}") from None
+    if image.width * image.height > max_image_pixels:
+        image.close()
+        raise too_many
+    if image.mode not in PLAIN_MODES | WIDE_GREY_MODES:
+        image.close()
+        raise RequestError(f"{what} is a {image.format} image of mode {image.mode}, which is not decoded: send "
+                           "8-bit greyscale, palette, RGB(A) or CMYK, or 16-bit greyscale", 415)
+    return image
+
+
+def _checked(image, raw: bytes, what: str) -> bytes:
+    """``raw`` once every byte of ``image`` decodes (as 8 bits if it was 16), or RequestError."""
+    try:
+        if image.mode in WIDE_GREY_MODES:
+            image.load()
+            return _eight_bit_png(image)
+        # A JPEG is checked at 1/8 scale: libjpeg still reads every byte (so a truncated
+        # or corrupt file fails as at full size) but skips most of the work; the pixels
+        # are decoded properly later. Other formats: no-op.
+        image.draft(image.mode, (1, 1))
+        image.load()
+    except Exception as e:  # noqa: BLE001 - only untrusted bytes are parsed here: any failure is theirs
+        raise RequestError(f"{what} could not be decoded: {e}") from None
+    return raw
+
+
+def _eight_bit_png(image) -> bytes:
+    """A 16-bit greyscale image as an 8-bit greyscale PNG, 0-65535 scaled to 0-255."""
+    import numpy as np
+    from PIL import Image
+
+    wide = np.asarray(image).astype(np.float32)  # "I" holds 32-bit ints: clip to the 16 bits a PNG has
+    out = io.BytesIO()
+    Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8)).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
