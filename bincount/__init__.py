@@ -3,6 +3,7 @@
 The library behind ``flows/bin_flow.py``, in layers; a layer imports only the
 layers listed above it, never one below (tests/test_layers.py checks):
 
+    validation strict settings (pydantic): types and ranges, errors as one line
     aws        boto3 plumbing: client factory, errors, settings checks, container images
     data       sources, synthetic data, fetching, splitting, photos as tensors
     model      architectures, grids, training, ensembles, metrics

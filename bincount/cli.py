@@ -83,19 +83,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    """0: nothing flagged; 1: some bin flagged; 2: error."""
-    import traceback
-
-    from bincount.data.sources import SourceUnreachable
-    from bincount.flow.runs import RunNotFound
-
-    try:
-        return _audit(args)
-    except (RunNotFound, SourceUnreachable, OSError, ValueError) as e:
-        print(f"bincount audit: {e}", file=sys.stderr)
-    except Exception:  # noqa: BLE001 - exit status 1 means "flagged": any failure must be 2, not 1
-        traceback.print_exc()
-    return 2
+    """0: nothing flagged; 1: some bin flagged; 2: error (from main, like every command's)."""
+    return _audit(args)
 
 
 def _audit(args) -> int:
@@ -186,15 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+DEBUG_ENV = "BINCOUNT_DEBUG"  # set to 1 to see the traceback behind an error
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input or environment can cause; their messages say what to fix."""
+    from bincount.aws.errors import AwsError
+    from bincount.data.shards import ShardError
     from bincount.data.sources import SourceUnreachable
     from bincount.flow.runs import RunNotFound
+    from bincount.serving.endpoint import EndpointError
+
+    return RunNotFound, SourceUnreachable, ShardError, EndpointError, AwsError, OSError, ValueError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error is one line on stderr and exit status 2 (the audit's 1 means
+    "flagged", so a failure must never be 1). BINCOUNT_DEBUG=1 shows the traceback instead."""
+    import os
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RunNotFound, SourceUnreachable) as e:
-        print(f"bincount: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bincount: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for a person; the traceback on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, _expected_errors()):
+            message = f"internal error: {type(e).__name__}: {message} (set {DEBUG_ENV}=1 for the traceback)"
+        print(f"bincount: {message}", file=sys.stderr)
         return 2
 
 

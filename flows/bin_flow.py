@@ -78,11 +78,12 @@ class BinCountFlow(FlowSpec):
     force_deploy = Parameter("force-deploy", default=False, type=bool, is_flag=True,
                              help="Deploy even if the model is less accurate than the target's current "
                                   "champion (the run tagged champion:<target>).")
-    grid = Config("grid", default=DEFAULT_GRID,
+    # Each Config is checked for types and ranges as it is read (bincount.flow.configs), before any task.
+    grid = Config("grid", default=DEFAULT_GRID, parser="bincount.flow.configs.parse_grid",
                   help="Hyperparameter grid (JSON): {\"defaults\": {...}, \"points\": [{...}, ...]}.")
-    deploy_config = Config("deploy", default_value={},
+    deploy_config = Config("deploy", default_value={}, parser="bincount.flow.configs.parse_deploy",
                            help="SageMaker deploy settings (JSON): see flows/deploy/sagemaker.example.json.")
-    compute = Config("compute", default_value={"compute": "local"},
+    compute = Config("compute", default_value={"compute": "local"}, parser="bincount.flow.configs.parse_compute",
                      help="Where the train step runs (JSON): {\"compute\": \"local\"} (default), or batch, "
                           "kubernetes or sagemaker with their settings: see flows/compute/*.example.json.")
 

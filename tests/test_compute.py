@@ -29,11 +29,14 @@ def test_compute_config_defaults_to_local_and_passes_the_engine_block_through():
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"compute": "lambda"}, "choose one of"),
-    ({"compute": "batch", "gpus": 1}, "unknown keys ['gpus']"),
+    ({"compute": "lambda"}, "compute = 'lambda': input should be 'local', 'batch', 'kubernetes' or 'sagemaker'"),
+    ({"compute": "batch", "gpus": 1}, "unknown key 'gpus'"),
     ({"compute": "batch", "kubernetes": {"namespace": "ml"}}, "'compute' is 'batch'"),
-    ({"compute": "batch", "steps": "train"}, "list of step names"),
-    ({"compute": "batch", "gpu": "one"}, "'gpu' must be a whole number"),
+    ({"compute": "batch", "steps": "train"}, "steps = 'train': input should be a valid list"),
+    ({"compute": "batch", "gpu": "one"}, "gpu = 'one': input should be a valid integer"),
+    ({"compute": "batch", "gpu": 1.5}, "gpu = 1.5: input should be a valid integer"),
+    ({"compute": "batch", "memory": -1}, "memory = -1: input should be greater than or equal to 0"),
+    ({"compute": "batch", "batch": ["queue"]}, "batch = ['queue']: input should be a valid dictionary"),
     ({"compute": "sagemaker", "steps": ["train", "evaluate"]}, "must be [\"train\"]"),
 ])
 def test_compute_config_rejects_what_would_fail_later(config, message):

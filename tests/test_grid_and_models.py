@@ -30,10 +30,32 @@ def test_grid_typos_fail_before_training():
         expand_grid({"points": [{"name": "a"}], "selct": {"ensemble": 2}})
     with pytest.raises(ValueError, match="select: unknown keys.*ensembel"):
         expand_grid({"points": [{"name": "a"}], "select": {"ensembel": 2}})
-    with pytest.raises(ValueError, match="ensemble must be a positive integer"):
+    with pytest.raises(ValueError, match="select: ensemble = 0: input should be greater than or equal to 1"):
         expand_grid({"points": [{"name": "a"}], "select": {"ensemble": 0}})
-    with pytest.raises(ValueError, match="frozen_blocks must not be negative"):
+    with pytest.raises(ValueError, match="frozen_blocks = -1: input should be greater than or equal to 0"):
         expand_grid({"points": [{"name": "a", "frozen_blocks": -1}]})
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("pretrained", "false", "a valid boolean"),  # a string, which would have meant pretrained
+    ("epochs", 1.5, "a valid integer"),
+    ("lr", float("nan"), "a finite number"),
+    ("lr", 0, "greater than 0"),
+    ("warmup_fraction", -0.1, "greater than or equal to 0"),
+    ("warmup_fraction", 1.0, "less than 1"),
+    ("label_smoothing", "0.1", "a valid number"),
+    ("batch_size", True, "a valid integer"),
+    ("precision", "fp16", "'auto', 'fp32' or 'bf16'"),
+    ("image_size", 8, "greater than or equal to 16"),
+])
+def test_grid_values_are_checked_for_type_and_range(key, value, allowed):
+    """Each bad value fails when the grid is read (the start step), naming the point, the key, the
+    value and what is allowed, on one line; before, these reached the train step (or trained)."""
+    with pytest.raises(ValueError) as error:
+        expand_grid({"defaults": {"epochs": 2}, "points": [{"name": "b"}, {"name": "a", key: value}]})
+    message = str(error.value)
+    assert message.startswith(f"grid point 'a': {key} = {value!r}: ") and allowed in message, message
+    assert "\n" not in message
 
 
 def test_select_defaults_to_the_single_best_point_without_tta():

@@ -16,8 +16,8 @@ import bincount
 
 LIBRARY = Path(bincount.__file__).resolve().parent
 # Lowest first. A module may import its own layer and any layer listed before it.
-LAYERS = ["aws", "data", "model", "serving", "sagemaker", "flow", "audit", "cli"]
-WITHOUT_METAFLOW = ["aws", "data", "model", "serving", "sagemaker"]
+LAYERS = ["validation", "aws", "data", "model", "serving", "sagemaker", "flow", "audit", "cli"]
+WITHOUT_METAFLOW = ["validation", "aws", "data", "model", "serving", "sagemaker"]
 
 
 def module_name(path: Path) -> str:

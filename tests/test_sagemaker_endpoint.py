@@ -480,12 +480,15 @@ def test_missing_required_keys_are_named_with_where_to_put_them(config, named):
 
 @pytest.mark.parametrize("extra, match", [
     ({"instance_typ": "ml.m5.large"}, r"unknown key.*instance_typ.*known keys.*instance_type"),
-    ({"instance_count": 0}, "instance_count"),
-    ({"instance_count": "2"}, "instance_count"),
+    ({"instance_count": 0}, "instance_count = 0: input should be greater than or equal to 1"),
+    ({"instance_count": "2"}, "instance_count = '2': input should be a valid integer"),
+    ({"instance_count": 1.0}, "instance_count = 1.0: input should be a valid integer"),
+    ({"wait_timeout_s": float("nan")}, "wait_timeout_s = nan: input should be a finite number"),
+    ({"wait_timeout_s": -5}, "wait_timeout_s = -5: input should be greater than 0"),
     ({"role_arn": "my-role"}, "not an IAM role ARN"),
     ({"bucket": "s3://bucket/path"}, "bare bucket name"),
-    ({"endpoint_name": "bin_count"}, "endpoint_name"),
-    ({"smoke_content_type": "image/png"}, "smoke_content_type"),
+    ({"endpoint_name": "bin_count"}, "endpoint_name 'bin_count': up to 63 letters"),
+    ({"smoke_content_type": "image/png"}, "smoke_content_type = 'image/png': input should be 'image/jpeg' or"),
 ])
 def test_bad_values_are_refused(extra, match):
     with pytest.raises(ValueError, match=match):

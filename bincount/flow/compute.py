@@ -17,12 +17,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 from metaflow import FlowMutator
+from pydantic import Field
+from pydantic import dataclasses as checked
+
+from bincount.validation import STRICT, ConfigError, build, json_object
 
 ENGINES = ("local", "batch", "kubernetes", "sagemaker")
 DECORATED = ("batch", "kubernetes")  # engines that are a Metaflow step decorator
-COMMON_KEYS = ("compute", "steps", "cpu", "gpu", "memory", "image")
+Count = Annotated[int, Field(ge=0)]
+
+
+@checked.dataclass(frozen=True, config=STRICT)
+class ComputeFile:
+    """The compute config as written, checked for types and ranges; how its keys relate is
+    checked in :meth:`ComputeConfig.from_dict`, and the engine's block by its engine."""
+
+    compute: Literal["local", "batch", "kubernetes", "sagemaker"] = "local"
+    steps: list[str] = field(default_factory=lambda: ["train"])
+    cpu: Count | None = None
+    gpu: Count | None = None
+    memory: Count | None = None  # MB
+    image: str | None = None
+    batch: dict | None = None
+    kubernetes: dict | None = None
+    sagemaker: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -36,31 +57,19 @@ class ComputeConfig:
     engine_settings: dict = field(default_factory=dict)  # the block named after the engine
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ComputeConfig":
-        d = dict(d or {})
-        engine = d.get("compute", "local")
-        if engine not in ENGINES:
-            raise ValueError(f"compute config: 'compute' is {engine!r}; choose one of {ENGINES}")
-        unknown = set(d) - set(COMMON_KEYS) - set(ENGINES[1:])
-        if unknown:
-            raise ValueError(f"compute config: unknown keys {sorted(unknown)}; "
-                             f"expected {list(COMMON_KEYS)} and a block named after the engine")
-        stray = [e for e in ENGINES[1:] if e in d and e != engine]
+    def from_dict(cls, d: Mapping | None) -> "ComputeConfig":
+        f = build(ComputeFile, dict(d or {}), "compute config")
+        engine = f.compute
+        stray = [e for e in ENGINES[1:] if getattr(f, e) is not None and e != engine]
         if stray:
-            raise ValueError(f"compute config: block {stray} given but 'compute' is {engine!r}")
-        steps = d.get("steps", ["train"])
-        if isinstance(steps, str) or not all(isinstance(s, str) for s in steps):
-            raise ValueError("compute config: 'steps' must be a list of step names")
-        if engine == "sagemaker" and list(steps) != ["train"]:
-            raise ValueError("compute config: sagemaker runs training jobs, so 'steps' must be [\"train\"]")
-        if engine == "sagemaker" and any(d.get(k) is not None for k in ("cpu", "gpu", "memory")):
-            raise ValueError("compute config: a SageMaker job's cores, GPUs and memory come from its "
-                             "instance type: set sagemaker.instance_type (e.g. ml.g5.xlarge) instead")
-        for key in ("cpu", "gpu", "memory"):
-            if d.get(key) is not None and (not isinstance(d[key], int) or d[key] < 0):
-                raise ValueError(f"compute config: {key!r} must be a whole number, got {d[key]!r}")
-        return cls(compute=engine, steps=tuple(steps), cpu=d.get("cpu"), gpu=d.get("gpu"),
-                   memory=d.get("memory"), image=d.get("image"), engine_settings=dict(d.get(engine) or {}))
+            raise ConfigError(f"compute config: block {stray} given but 'compute' is {engine!r}")
+        if engine == "sagemaker" and f.steps != ["train"]:
+            raise ConfigError("compute config: sagemaker runs training jobs, so 'steps' must be [\"train\"]")
+        if engine == "sagemaker" and any(v is not None for v in (f.cpu, f.gpu, f.memory)):
+            raise ConfigError("compute config: a SageMaker job's cores, GPUs and memory come from its "
+                              "instance type: set sagemaker.instance_type (e.g. ml.g5.xlarge) instead")
+        return cls(compute=engine, steps=tuple(f.steps), cpu=f.cpu, gpu=f.gpu, memory=f.memory, image=f.image,
+                   engine_settings=dict(getattr(f, engine, None) or {}) if engine != "local" else {})
 
     def decorator_kwargs(self) -> dict:
         """Arguments of ``@batch`` / ``@kubernetes``: the common resources, then the engine's block."""

@@ -33,10 +33,13 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from datetime import datetime, timezone
 from functools import partial
-from typing import Callable, Mapping
+from typing import Annotated, Callable, Literal, Mapping
+
+from pydantic import Field
+from pydantic import dataclasses as checked
 
 from bincount.aws.clients import default_region, session
 from bincount.aws.containers import inference_image_uri
@@ -44,10 +47,10 @@ from bincount.aws.errors import AwsError, aws_call
 from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.metadata import ModelMeta
 from bincount.serving.endpoint import EndpointError
+from bincount.validation import STRICT, build
 
 EXAMPLE_CONFIG = "flows/deploy/sagemaker.example.json"
 REQUIRED_KEYS = ("role_arn", "bucket")
-SMOKE_CONTENT_TYPES = ("image/jpeg", "application/json")
 
 READ_TIMEOUT_S = 60  # an invocation of a cold endpoint can take a while
 
@@ -63,23 +66,27 @@ class SageMakerDeployError(EndpointError, AwsError):
     """Deployment to SageMaker failed; the message says where and what to do."""
 
 
-@dataclass(frozen=True)
+# Checked for type and range when built (a pydantic dataclass); what the values mean, in from_config.
+@checked.dataclass(frozen=True, config=STRICT)
 class SageMakerTarget:
     role_arn: str
     bucket: str
     prefix: str = "bincount/models"
     endpoint_name: str = "bincount"
     instance_type: str = "ml.m5.large"
-    instance_count: int = 1
+    instance_count: Annotated[int, Field(ge=1)] = 1
     image_uri: str = ""  # empty: the PyTorch inference container for `region`
     region: str = field(default_factory=default_region)
-    wait_timeout_s: float = 1800
+    wait_timeout_s: Annotated[float, Field(gt=0)] = 1800
     # image/jpeg is how clients call the endpoint; application/json sends the
     # same image base64-encoded ({"instances": [{"b64": ...}]}), which the
     # handler also accepts, for servers that cannot take binary bodies (moto).
-    smoke_content_type: str = "image/jpeg"
+    smoke_content_type: Literal["image/jpeg", "application/json"] = "image/jpeg"
 
     def __post_init__(self):
+        if not NAME_RE.match(self.endpoint_name):
+            raise ValueError(f"endpoint_name {self.endpoint_name!r}: up to {NAME_MAX} letters, digits and "
+                             "hyphens, starting with a letter or digit")
         if not self.image_uri:  # frozen: fill the default the only way allowed
             object.__setattr__(self, "image_uri", inference_image_uri(self.region))
         object.__setattr__(self, "prefix", self.prefix.strip("/"))
@@ -97,27 +104,12 @@ class SageMakerTarget:
             raise ValueError(
                 f"--deploy-target sagemaker needs {' and '.join(missing)} in the deploy config. Put them in a "
                 f"JSON file (copy {EXAMPLE_CONFIG}) and pass it to the flow as `--config deploy PATH`.")
-        _check_values(config)
-        return cls(**config)
-
-
-def _check_values(config: dict) -> None:
-    """Catch mistakes here, before training, rather than in the SageMaker API after it."""
-    for key, value in config.items():
-        check_not_placeholder(value, f"{key} in the deploy config")
-    check_role_arn(config["role_arn"], "role_arn")
-    check_bucket_name(config["bucket"], "prefix")
-    if "endpoint_name" in config and not NAME_RE.match(str(config["endpoint_name"])):
-        raise ValueError(f"endpoint_name {config['endpoint_name']!r}: up to {NAME_MAX} letters, digits and "
-                         "hyphens, starting with a letter or digit")
-    count = config.get("instance_count", 1)
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"instance_count must be a whole number >= 1, got {count!r}")
-    if config.get("smoke_content_type", "image/jpeg") not in SMOKE_CONTENT_TYPES:
-        raise ValueError(f"smoke_content_type must be one of {SMOKE_CONTENT_TYPES}")
-    timeout = config.get("wait_timeout_s", 1)
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"wait_timeout_s must be a positive number of seconds, got {timeout!r}")
+        for key, value in config.items():
+            check_not_placeholder(value, f"{key} in the deploy config")
+        target = build(cls, config, "the SageMaker deploy config")
+        check_role_arn(target.role_arn, "role_arn")
+        check_bucket_name(target.bucket, "prefix")
+        return target
 
 
 # --- names and clients ---------------------------------------------------------

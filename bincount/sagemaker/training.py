@@ -43,7 +43,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Annotated, Callable, Literal, Mapping
+
+from pydantic import Field
+from pydantic import dataclasses as checked
 
 from bincount.aws.clients import default_region, session
 from bincount.aws.containers import TRAINING_REQUIREMENTS as CONTAINER_REQUIREMENTS
@@ -55,6 +58,7 @@ from bincount.model.train import TrainResult
 from bincount.sagemaker.training_job import (CHANNEL, SHARDS_CHANNEL, TrainingJobError, encode_hyperparameters,
                                              load_result, write_channel)
 from bincount.serving.package import extract_archive
+from bincount.validation import STRICT, build
 
 READ_TIMEOUT_S = 60
 UPLOAD_WORKERS = 16
@@ -78,7 +82,6 @@ MAX_RUNTIME_LIMIT_S = 28 * 24 * 3600  # SageMaker's own ceiling
 WAIT_MARGIN_S = 3600
 DESCRIBE_FAILURES_TOLERATED = 5  # consecutive; a network blip must not abandon a running job
 TERMINAL = {"Completed", "Failed", "Stopped"}
-DISTRIBUTED = ("auto", "torchrun", "none")
 EXAMPLE_KEYS_HINT = "the 'sagemaker' block of the compute config"
 
 
@@ -88,24 +91,30 @@ class SageMakerTrainingError(AwsError):
 
 # --- settings ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+# Checked for type when built (a pydantic dataclass: "true" is not a bool, 1.5 not a count);
+# the values' meaning in _check_values.
+@checked.dataclass(frozen=True, config=STRICT)
 class SageMakerTrainingSettings:
     role: str  # the IAM role the job runs as (arn:aws:iam::<account>:role/<name>)
     bucket: str  # channel data, code and model.tar.gz go here
     s3_prefix: str = "bincount/training"
     region: str = field(default_factory=default_region)
     instance_type: str = "ml.g5.xlarge"
-    instance_count: int = 1
+    instance_count: Annotated[int, Field(ge=1)] = 1
     image_uri: str = ""  # empty: the AWS PyTorch training container for region and instance type
-    distributed: str = "auto"  # auto: torchrun when instance_count > 1; torchrun (also one multi-GPU instance); none
+    distributed: Literal["auto", "torchrun", "none"] = "auto"  # auto: torchrun when instance_count > 1;
+    # torchrun: also one multi-GPU instance
     use_spot: bool = False
-    max_runtime_s: int = 4 * 3600
+    max_runtime_s: Annotated[int, Field(ge=1, le=MAX_RUNTIME_LIMIT_S)] = 4 * 3600
     max_wait_s: int | None = None  # spot only (runtime plus waiting for capacity); default 2 x max_runtime_s
-    volume_size_gb: int = 30
+    volume_size_gb: Annotated[int, Field(ge=1)] = 30
     install_requirements: bool = True  # pip install requirements.txt in the container (needs PyPI access)
     stream_logs: bool = True  # print the job's CloudWatch log lines while waiting
 
     def __post_init__(self):  # frozen: fill the defaults the only way allowed
+        if not re.match(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$", self.instance_type):
+            raise ValueError(f"instance_type {self.instance_type!r} is not a SageMaker instance type "
+                             "(like ml.g5.xlarge)")
         if not self.image_uri:
             object.__setattr__(self, "image_uri", training_image_uri(self.region, self.instance_type))
         if self.use_spot and self.max_wait_s is None:
@@ -122,55 +131,33 @@ class SageMakerTrainingSettings:
         return (self.max_wait_s if self.use_spot else self.max_runtime_s) + WAIT_MARGIN_S
 
 
-def _expected_types() -> dict[str, tuple[type, ...]]:
-    kinds = {"str": (str,), "int": (int,), "bool": (bool,), "int | None": (int,)}
-    return {f.name: kinds[f.type] for f in fields(SageMakerTrainingSettings)}
-
-
 def settings_from_config(config: Mapping | SageMakerTrainingSettings | None) -> SageMakerTrainingSettings:
     """Check the SageMaker training settings (a dict from JSON) and build them; ValueError says what to fix."""
     if isinstance(config, SageMakerTrainingSettings):
         return config
     config = {k: v for k, v in dict(config or {}).items() if v is not None}  # null: use the default
-    types = _expected_types()
-    unknown = sorted(set(config) - set(types))
+    unknown = sorted(set(config) - {f.name for f in fields(SageMakerTrainingSettings)})
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in the SageMaker training settings; known keys: {list(types)}")
+        raise ValueError(f"unknown key(s) {unknown} in the SageMaker training settings; known keys: "
+                         f"{[f.name for f in fields(SageMakerTrainingSettings)]}")
     missing = [k for k in ("role", "bucket") if not config.get(k)]
     if missing:
         raise ValueError(f"SageMaker training needs {' and '.join(missing)} in {EXAMPLE_KEYS_HINT}")
     for key, value in config.items():
-        wanted = types[key]
-        # bool is an int in Python: refuse true for a count, and 1 for a flag.
-        if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
-            raise ValueError(f"SageMaker training setting {key} must be {' or '.join(t.__name__ for t in wanted)}, "
-                             f"got {value!r}")
         check_not_placeholder(value, f"SageMaker training setting {key}")
+    settings = build(SageMakerTrainingSettings, config, "SageMaker training settings")
     _check_values(config)
-    return SageMakerTrainingSettings(**config)
+    return settings
 
 
 def _check_values(config: dict) -> None:
     """Catch mistakes here, before anything trains, rather than in the SageMaker API after it."""
     check_role_arn(config["role"], "role")
     check_bucket_name(config["bucket"], "s3_prefix")
-    instance_type = config.get("instance_type", "ml.g5.xlarge")
-    if not re.match(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$", instance_type):
-        raise ValueError(f"instance_type {instance_type!r} is not a SageMaker instance type (like ml.g5.xlarge)")
-    if not config.get("image_uri"):
-        training_image_uri(config.get("region", "us-east-1"), instance_type)  # raises for unknown families
-    for key in ("instance_count", "volume_size_gb"):
-        if config.get(key, 1) < 1:
-            raise ValueError(f"{key} must be at least 1, got {config[key]}")
-    distributed = config.get("distributed", "auto")
-    if distributed not in DISTRIBUTED:
-        raise ValueError(f"distributed must be one of {DISTRIBUTED}, got {distributed!r}")
-    if distributed == "none" and config.get("instance_count", 1) > 1:
+    if config.get("distributed") == "none" and config.get("instance_count", 1) > 1:
         raise ValueError("instance_count > 1 with distributed 'none' would train the same model on every "
                          "instance; use distributed 'auto' or 'torchrun'")
     runtime = config.get("max_runtime_s", SageMakerTrainingSettings.max_runtime_s)
-    if not 1 <= runtime <= MAX_RUNTIME_LIMIT_S:
-        raise ValueError(f"max_runtime_s must be between 1 and {MAX_RUNTIME_LIMIT_S} (28 days), got {runtime}")
     if "max_wait_s" in config:
         if not config.get("use_spot"):
             raise ValueError("max_wait_s applies only to spot training: set use_spot true, or drop max_wait_s")

@@ -50,6 +50,7 @@ from typing import Mapping, Sequence
 from bincount.data.shards import DEFAULT_SHARD_BYTES
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
+from bincount.validation import build
 
 CHANNEL = "train"  # the job's split file (and its shards, unless they have a channel of their own)
 CHANNEL_ENV = f"SM_CHANNEL_{CHANNEL.upper()}"
@@ -202,6 +203,13 @@ def _as_classes(value) -> list[int]:
 CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
 
 
+def _converter(hint):
+    """The converter for a TrainConfig field's type; a Literal's is that of its values."""
+    if typing.get_origin(hint) is typing.Literal:
+        hint = type(typing.get_args(hint)[0])
+    return CONVERTERS[hint]
+
+
 def parse_hyperparameters(raw: Mapping) -> tuple[TrainConfig, int, list[int]]:
     """(config, seed, classes) from hyperparameters as they arrive in the container."""
     types = typing.get_type_hints(TrainConfig)
@@ -214,13 +222,13 @@ def parse_hyperparameters(raw: Mapping) -> tuple[TrainConfig, int, list[int]]:
     missing = [k for k in REQUIRED_HYPERPARAMETERS if k not in values]
     if missing:
         raise TrainingJobError(f"missing hyperparameter(s) {missing}: the job needs at least name and classes")
-    config = {k: CONVERTERS[types[k]](k, v) for k, v in values.items() if k not in EXTRA_HYPERPARAMETERS}
+    config = {k: _converter(types[k])(k, v) for k, v in values.items() if k not in EXTRA_HYPERPARAMETERS}
     seed = _as_int("seed", values.get("seed", 0))
     classes = _as_classes(values["classes"])
     try:
-        cfg = TrainConfig(**config)
+        cfg = build(TrainConfig, config, "hyperparameters")
     except ValueError as e:
-        raise TrainingJobError(f"hyperparameters: {e}") from e
+        raise TrainingJobError(str(e)) from e
     return cfg, seed, classes
 
 
