@@ -34,6 +34,18 @@ such bins are listed as *not judged* with the reason. Unusable objects
 (missing or malformed metadata, missing or non-image photos) are listed as
 *bad* with the reason ``fetch_subset`` gave. Nothing is dropped silently.
 
+**What a failure keeps.** Bins are scored a chunk (``chunks_of``) at a time, and
+each scored chunk is saved under ``<out>/.audit-work/<key>/`` (the key: model
+run, threshold, source and classes; each file named for its chunk's ids), so a
+failure (the source going down, the machine stopping) loses at most the chunk
+in progress: a rerun with the same arguments reuses every chunk it finds and
+says how many. The report set (``audit.csv``, ``audit.html``, ``summary.json``)
+is written to temporary files first and then moved into place, so a failure
+while writing leaves the previous set whole; the work folder goes once the new
+set is in place. Only the thumbnails the HTML shows (the ``MAX_THUMBNAILS``
+most confident flagged bins) are kept. ``flows/audit_flow.py`` scores chunks
+in a foreach: there ``resume`` keeps the chunks already scored.
+
 The CLI (``bincount audit``) and ``flows/audit_flow.py`` are thin callers of
 the functions here; both read data through ``open_source``/``fetch_subset`` and
 score with ``bincount.model.predictor``, like everything else.
@@ -43,10 +55,15 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
+import heapq
 import html
 import io
 import json
-from collections.abc import Mapping
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -56,11 +73,13 @@ from bincount.data.sources import Source
 
 DEFAULT_TARGET_PRECISION = 0.9
 DEFAULT_SHIFTS = (-2, -1, 1, 2)
-DEFAULT_SHARD_SIZE = 500
+DEFAULT_CHUNK_SIZE = 500
 MAX_THUMBNAILS = 1000  # flagged bins shown with a photo in the HTML (most confident first); all are in the CSV
 THUMBNAIL_PX = 160
 CSV_COLUMNS = ["id", "expected", "predicted", "p_predicted", "p_record_wrong", "flagged", "status", "reason"]
 JUDGED, NOT_JUDGED, BAD = "judged", "not judged", "bad"
+WORK_DIR = ".audit-work"  # under the report's folder: the chunks scored so far, until the report is written
+REPORT_FILES = {"csv": "audit.csv", "html": "audit.html", "summary": "summary.json"}
 
 
 # --- which bins --------------------------------------------------------------
@@ -92,13 +111,13 @@ def read_ids(path: str | Path) -> list[str]:
     return ids
 
 
-def shards(ids: list[str], size: int) -> list[list[str]]:
+def chunks_of(ids: list[str], size: int) -> list[list[str]]:
     """``ids`` in consecutive pieces of at most ``size`` (at least one piece, maybe empty).
 
     A repeated id is kept once (its first place), so no bin is audited twice.
     """
     if size < 1:
-        raise ValueError(f"shard size must be at least 1, got {size}")
+        raise ValueError(f"chunk size must be at least 1, got {size}")
     ids = list(dict.fromkeys(ids))
     return [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
 
@@ -317,10 +336,119 @@ def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: li
         rows[bin_id] = _row(bin_id, JUDGED, expected=expected, predicted=predicted,
                             p_predicted=float(prediction["probabilities"][str(predicted)]),
                             p_wrong=p_record_wrong(prediction["probabilities"], expected), flagged=flagged)
-        if flagged:
-            part.thumbnails[bin_id] = thumbnail_uri(photos.images[bin_id])
     part.rows = [rows[i] for i in order if i in rows]
+    # Only the flagged bins the report can show get a thumbnail: no other chunk can push these out
+    # of the report's top MAX_THUMBNAILS unless it pushes them out of this chunk's too.
+    for row in shown(part.rows):
+        try:
+            part.thumbnails[row["id"]] = thumbnail_uri(photos.images[row["id"]])
+        except Exception:  # noqa: BLE001 - the photo decoded once already; without a thumbnail the row stands
+            pass
     return part
+
+
+def _confidence(row: dict) -> tuple:
+    """The report's order of flagged bins: most confident first, then by id."""
+    return -row["p_record_wrong"], row["id"]
+
+
+def shown(rows: Iterable[dict], limit: int | None = None) -> list[dict]:
+    """The flagged rows the HTML shows with a photo: the ``limit`` (default ``MAX_THUMBNAILS``) most confident."""
+    limit = MAX_THUMBNAILS if limit is None else limit
+    return heapq.nsmallest(limit, (r for r in rows if r["flagged"]), key=_confidence)
+
+
+# --- keeping what was scored ----------------------------------------------------
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = _write_temporary(path, text)
+    os.replace(temporary, path)
+
+
+def _write_temporary(path: Path, text: str) -> Path:
+    """``text`` in a new file beside ``path`` (same folder: same file system, so os.replace is atomic)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+class ScoredChunks:
+    """The chunks of one audit scored so far, one small JSON file each, under ``<out>/.audit-work/<key>/``.
+
+    The key is everything a chunk's rows depend on besides its ids (model run, threshold, source,
+    classes), so a rerun with other arguments never picks up rows that are not its own; a file's name
+    carries its chunk's ids' hash, so other chunking never does either.
+    """
+
+    def __init__(self, out_dir: str | Path, *, model_run: str, threshold: float, source: str, classes: list[int]):
+        key = _digest({"model_run": model_run, "threshold": repr(float(threshold)), "source": source,
+                       "classes": list(classes), "format": 1})
+        self.dir = Path(out_dir) / WORK_DIR / key
+
+    def path(self, index: int, ids: list[str]) -> Path:
+        return self.dir / f"chunk-{index:05d}-{_digest(ids)}.json"
+
+    def has(self, index: int, ids: list[str]) -> bool:
+        return self.path(index, ids).is_file()
+
+    def load(self, index: int, ids: list[str]) -> AuditPart | None:
+        """The saved part, or None when there is none or it cannot be trusted (then it is scored again)."""
+        try:
+            saved = json.loads(self.path(index, ids).read_text(encoding="utf-8"))
+            if saved["ids"] != ids:
+                return None
+            return AuditPart(rows=saved["rows"], thumbnails=saved["thumbnails"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, index: int, ids: list[str], part: AuditPart) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # atomically: a crash while saving leaves no half file to be trusted later
+        _write_atomically(self.path(index, ids), json.dumps({"ids": ids, "rows": part.rows,
+                                                              "thumbnails": part.thumbnails}))
+
+    def clear(self) -> None:
+        """Remove this audit's work (its report is written); the work folder too once it is empty."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.dir.parent.rmdir()
+        except OSError:  # other audits' work is still there
+            pass
+
+
+def score_chunks(source: Source, predictor, threshold: float, ids: list[str], *, chunks: ScoredChunks | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int = DEFAULT_WORKERS, progress: bool = True,
+                 batch_size: int = 32) -> Iterator[AuditPart]:
+    """Each chunk of ``ids`` scored (:func:`score_bins`), in order, one at a time (only one chunk's photos
+    are in memory); with ``chunks``, each scored chunk is saved as it is done, and one saved by an
+    earlier run with the same arguments is loaded instead of scored again."""
+    pieces = chunks_of(ids, chunk_size)
+    if chunks is not None:
+        reused = sum(chunks.has(i, piece) for i, piece in enumerate(pieces))
+        if reused:
+            print(f"audit: reusing {reused} of {len(pieces)} chunks already scored (saved in {chunks.dir})")
+    for i, piece in enumerate(pieces):
+        saved = chunks is not None and chunks.has(i, piece)
+        part = chunks.load(i, piece) if saved else None
+        if part is None:
+            if saved:
+                print(f"audit: the saved chunk {chunks.path(i, piece).name} is damaged: scoring it again")
+            part = score_bins(source, predictor, threshold, candidate_ids=piece, workers=workers,
+                              progress=progress, batch_size=batch_size)
+            if chunks is not None:
+                chunks.save(i, piece, part)
+        yield part
 
 
 # --- the report --------------------------------------------------------------
@@ -336,7 +464,7 @@ class AuditReport:
 
     def flagged(self) -> list[dict]:
         """Flagged rows, most confident first."""
-        return sorted((r for r in self.rows if r["flagged"]), key=lambda r: (-r["p_record_wrong"], r["id"]))
+        return sorted((r for r in self.rows if r["flagged"]), key=_confidence)
 
     def summary(self) -> dict:
         by_status = {s: sum(r["status"] == s for r in self.rows) for s in (JUDGED, NOT_JUDGED, BAD)}
@@ -346,12 +474,18 @@ class AuditReport:
                 "threshold": self.threshold.as_dict()}
 
 
-def combine(parts: list[AuditPart], **report_fields) -> AuditReport:
-    """One report from the parts of a sharded audit, rows in shard order."""
-    rows, thumbnails = [], {}
+def combine(parts: Iterable[AuditPart], **report_fields) -> AuditReport:
+    """One report from the parts of a chunked audit, rows in chunk order.
+
+    Thumbnails are kept only for the flagged bins the HTML shows (:func:`shown`), and pruned part by
+    part: an audit with many flagged bins never holds more than about that many photos.
+    """
+    rows, thumbnails, top = [], {}, []
     for part in parts:
         rows.extend(part.rows)
+        top = shown(top + [r for r in part.rows if r["flagged"]])
         thumbnails.update(part.thumbnails)
+        thumbnails = {r["id"]: thumbnails[r["id"]] for r in top if r["id"] in thumbnails}
     return AuditReport(rows=rows, thumbnails=thumbnails, **report_fields)
 
 
@@ -383,8 +517,9 @@ def _interval(interval) -> str:
     return "" if interval is None else f"; precision 95% interval {interval[0]:.0%} to {interval[1]:.0%}"
 
 
-def render_html(report: AuditReport, *, max_thumbnails: int = MAX_THUMBNAILS) -> str:
+def render_html(report: AuditReport, *, max_thumbnails: int | None = None) -> str:
     """A self-contained HTML page: no external stylesheet, script, font or image."""
+    max_thumbnails = MAX_THUMBNAILS if max_thumbnails is None else max_thumbnails
     e = html.escape
     s = report.summary()
     t = report.threshold
@@ -416,9 +551,9 @@ def render_html(report: AuditReport, *, max_thumbnails: int = MAX_THUMBNAILS) ->
         f"<h2>Flagged ({len(flagged)})</h2>",
     ]
     if flagged:
-        shown = flagged[:max_thumbnails]
-        if len(flagged) > len(shown):
-            out.append(f"<p>The {len(shown)} most confident are shown with a photo; all are in the CSV.</p>")
+        with_photo = flagged[:max_thumbnails]
+        if len(flagged) > len(with_photo):
+            out.append(f"<p>The {len(with_photo)} most confident are shown with a photo; all are in the CSV.</p>")
         out.append("<table><tr><th>photo</th><th>id</th><th>expected</th><th>predicted</th>"
                    "<th>confidence in predicted</th><th>P(record wrong)</th></tr>")
         for i, r in enumerate(flagged):
@@ -444,13 +579,30 @@ def render_html(report: AuditReport, *, max_thumbnails: int = MAX_THUMBNAILS) ->
 
 
 def write_report(report: AuditReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write audit.csv, audit.html and summary.json under ``out_dir``."""
+    """Write audit.csv, audit.html and summary.json under ``out_dir``, as one set.
+
+    Every file is written in full to a temporary name beside its place first; only once all three
+    are written is each moved into place (``os.replace``, atomic on its own). A failure while
+    rendering or writing (a full disk, an error) leaves the previous set as it was and no temporary
+    behind. What remains is the moment between the first and the last of three renames, with no
+    data left to write: only a crash of the machine or process in those microseconds could leave
+    a new audit.csv beside an old summary.json. (A folder swapped by a symlink would close it, at
+    the price of links in place of files, which copies and other systems handle badly.)
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "audit.csv", "html": out_dir / "audit.html", "summary": out_dir / "summary.json"}
-    paths["csv"].write_text(to_csv(report.rows))
-    paths["html"].write_text(render_html(report))
-    paths["summary"].write_text(json.dumps(report.summary(), indent=2) + "\n")
+    texts = {"csv": to_csv(report.rows), "html": render_html(report),
+             "summary": json.dumps(report.summary(), indent=2) + "\n"}
+    paths = {name: out_dir / file for name, file in REPORT_FILES.items()}
+    temporaries: dict[str, Path] = {}
+    try:
+        for name, text in texts.items():
+            temporaries[name] = _write_temporary(paths[name], text)
+        for name in list(temporaries):
+            os.replace(temporaries.pop(name), paths[name])
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
     return paths
 
 

@@ -100,12 +100,16 @@ def _audit(args) -> int:
     threshold = audit.threshold_for_run(run, predictor, target_precision=args.target_precision)
     if ids is None:
         ids = list(source.list_ids())
-    # in shards, so that only one shard's photos are in memory at a time
-    parts = [audit.score_bins(source, predictor, threshold.value, candidate_ids=shard, workers=args.workers,
-                              progress=not args.quiet) for shard in audit.shards(ids, audit.DEFAULT_SHARD_SIZE)]
+    # A chunk at a time (one chunk's photos in memory), each saved under --out as it is scored:
+    # a rerun after a failure scores only what is left.
+    chunks = audit.ScoredChunks(args.out, model_run=run.pathspec, threshold=threshold.value, source=args.source,
+                                classes=predictor.classes)
+    parts = audit.score_chunks(source, predictor, threshold.value, ids, chunks=chunks, workers=args.workers,
+                               progress=not args.quiet)
     report = audit.combine(parts, threshold=threshold, model_run=run.pathspec, source=args.source,
                            classes=predictor.classes)
     paths = audit.write_report(report, args.out)
+    chunks.clear()
     print(audit.summary_line(report))
     print(f"report: {paths['html']}  table: {paths['csv']}")
     return 1 if report.flagged() else 0

@@ -12,6 +12,15 @@ and keeps it as artifacts. The logic is in bincount/audit.py.
 
     python flows/audit_flow.py run --source ../shared/abid-sample --out audit-report
     python flows/audit_flow.py run --source s3://aft-vbi-pds --ids ids.txt --shard-size 1000
+
+One bad bin is a row with its reason, never a failed task. When a task does
+fail (the source down as a whole, a machine lost), `resume` keeps what was
+scored: Metaflow clones every score task that finished, by its foreach index,
+and runs only the failed shards and the steps after. (The CLI's
+`bincount audit`, which has no datastore, saves each scored shard under
+--out instead.) The report set is replaced as a whole (bincount.audit.write_report).
+
+    python flows/audit_flow.py resume
 """
 
 import os
@@ -57,7 +66,7 @@ class AuditFlow(FlowSpec):
     @step
     def list_ids(self):
         """The bins to audit, in shards."""
-        from bincount.audit import read_ids, shards
+        from bincount.audit import chunks_of, read_ids
         from bincount.data.sources import open_source
 
         if self.ids:
@@ -67,7 +76,7 @@ class AuditFlow(FlowSpec):
             source.check()
             ids = list(source.list_ids())
         self.n_ids = len(ids)
-        self.shards = shards(ids, self.shard_size)
+        self.shards = chunks_of(ids, self.shard_size)
         print(f"{self.n_ids} bins in {len(self.shards)} shards")
         self.next(self.score, foreach="shards")
 
@@ -92,7 +101,8 @@ class AuditFlow(FlowSpec):
                                     write_report)
 
         self.merge_artifacts(inputs, exclude=["rows", "thumbnails"])
-        report = combine([AuditPart(inp.rows, inp.thumbnails) for inp in inputs],
+        # one shard's thumbnails at a time: combine keeps only those the report shows
+        report = combine((AuditPart(inp.rows, inp.thumbnails) for inp in inputs),
                          threshold=Threshold(**self.threshold), model_run=self.model_run, source=self.source,
                          classes=self.model_classes)
         self.audit = rows_table(report.rows)  # id, expected, predicted, ..., flagged, status, reason

@@ -133,7 +133,7 @@ def test_ids_from_a_file_list_or_a_text_file(tmp_path):
     text = tmp_path / "ids.txt"
     text.write_text("# wanted\n00526\n\nmetadata/00100.json\nbin-images/7.jpg\n")
     assert audit.read_ids(text) == ["00526", "00100", "7"]
-    assert audit.shards(["a", "b", "a", "c"], 2) == [["a", "b"], ["c"]] and audit.shards([], 5) == [[]]
+    assert audit.chunks_of(["a", "b", "a", "c"], 2) == [["a", "b"], ["c"]] and audit.chunks_of([], 5) == [[]]
 
 
 def report_of(rows, thumbnails):
@@ -187,6 +187,155 @@ def test_html_is_self_contained_with_thumbnails_of_flagged_bins(sample_report):
     summary = page[:page.index("<h2>")]
     assert "0.800" in summary and "92.0%" in summary and "30.0%" in summary and "2 flagged" in summary
     assert "expected count 7 is outside" in page and "not an image" in page
+
+
+# --- what a failure keeps: scored chunks, the report set, only shown thumbnails ---
+
+class CountingPredictor:
+    """The real predictor, counting the chunks it scores; it raises on the ``fail_at``-th (from 1)."""
+
+    def __init__(self, predictor, fail_at: int | None = None):
+        self.predictor, self.fail_at, self.calls = predictor, fail_at, 0
+        self.classes = predictor.classes
+
+    def predict_bytes(self, images, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError(f"scoring chunk {self.calls} failed")
+        return self.predictor.predict_bytes(images, **kwargs)
+
+
+@pytest.fixture
+def twelve_bins(tmp_path, synthetic_jpegs):
+    """12 bins recorded as 1 or 5, alternately, with real JPEGs: whatever a model says, half disagree."""
+    files = {}
+    for i in range(12):
+        count = 1 if i % 2 else 5
+        files[f"bin-images/t{i:02d}.jpg"] = synthetic_jpegs[1 + i % 5]
+        files[f"metadata/t{i:02d}.json"] = metadata(count)
+    return write_tree(tmp_path / "source", files), [f"t{i:02d}" for i in range(12)]
+
+
+def report_fields(source: str) -> dict:
+    return dict(threshold=audit.Threshold(value=0.0, target_precision=0.9, reached=True, precision=1.0, recall=1.0),
+                model_run="BinCountFlow/1", source=source, classes=CLASSES)
+
+
+def test_an_audit_that_fails_midway_keeps_its_scored_chunks_and_a_rerun_continues(twelve_bins, tiny_model, tmp_path,
+                                                                                   capsys):
+    from bincount.data.sources import LocalSource
+    from bincount.model.predictor import load_predictor
+
+    folder, ids = twelve_bins
+    source, predictor = LocalSource(folder), load_predictor(*tiny_model)
+    out = tmp_path / "report"
+    chunks = audit.ScoredChunks(out, model_run="BinCountFlow/1", threshold=0.0, source=str(folder), classes=CLASSES)
+    options = dict(chunk_size=4, workers=2, progress=False)  # 3 chunks
+
+    failing = CountingPredictor(predictor, fail_at=2)
+    with pytest.raises(RuntimeError, match="scoring chunk 2 failed"):
+        combine(audit.score_chunks(source, failing, 0.0, ids, chunks=chunks, **options), **report_fields(str(folder)))
+    assert [p.name.split("-")[1] for p in sorted(chunks.dir.iterdir())] == ["00000"]  # the first chunk, kept
+    capsys.readouterr()
+
+    counting = CountingPredictor(predictor)
+    report = combine(audit.score_chunks(source, counting, 0.0, ids, chunks=chunks, **options),
+                     **report_fields(str(folder)))
+    assert "reusing 1 of 3 chunks already scored" in capsys.readouterr().out
+    assert counting.calls == 2  # the two chunks not saved, and only those
+    fresh = combine(audit.score_chunks(source, predictor, 0.0, ids, **options), **report_fields(str(folder)))
+    assert report.rows == fresh.rows and [r["id"] for r in report.rows] == ids
+    assert report.thumbnails == fresh.thumbnails
+
+    # other arguments never reuse these rows
+    assert audit.ScoredChunks(out, model_run="BinCountFlow/1", threshold=0.5, source=str(folder),
+                              classes=CLASSES).dir != chunks.dir
+    # a damaged chunk is scored again, not trusted
+    first = next(chunks.dir.glob("chunk-00000-*.json"))
+    first.write_text('{"ids": ')
+    counting = CountingPredictor(predictor)
+    again = combine(audit.score_chunks(source, counting, 0.0, ids, chunks=chunks, **options),
+                    **report_fields(str(folder)))
+    assert counting.calls == 1 and again.rows == fresh.rows and "is damaged" in capsys.readouterr().out
+
+    audit.write_report(report, out)
+    chunks.clear()  # once the report is written, the work goes
+    assert sorted(p.name for p in out.iterdir()) == ["audit.csv", "audit.html", "summary.json"]
+
+
+WRITE_WITH_A_SIZE_LIMIT = """
+import pickle, resource, signal, sys
+from bincount import audit
+report = pickle.loads(open(sys.argv[1], "rb").read())
+audit.to_csv(report.rows)  # imports pandas before the limit
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    audit.write_report(report, sys.argv[2])
+except OSError as e:
+    print("write failed:", e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_failure_while_writing_the_report_leaves_the_previous_set_whole(sample_report, tmp_path):
+    import dataclasses
+    import os
+    import pickle
+
+    out = tmp_path / "report"
+    audit.write_report(sample_report, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # the next report: other rows, another model run, a bigger page (more photos)
+    rows = [dict(r, p_record_wrong=0.99) if r["flagged"] else r for r in sample_report.rows]
+    rows += [audit._row(f"n{i}", "judged", expected=1, predicted=3, p_predicted=0.9, p_wrong=0.95, flagged=True)
+             for i in range(6)]
+    thumbnails = {**sample_report.thumbnails, **{f"n{i}": sample_report.thumbnails["b1"] for i in range(6)}}
+    new = dataclasses.replace(sample_report, rows=rows, thumbnails=thumbnails, model_run="BinCountFlow/2")
+    sizes = {"csv": len(audit.to_csv(new.rows)), "html": len(audit.render_html(new).encode()),
+             "summary": len(json.dumps(new.summary(), indent=2)) + 1}
+    limit = max(sizes["csv"], sizes["summary"]) + 64
+    assert sizes["html"] > 2 * limit  # the page is the file that cannot be written
+    (tmp_path / "new.pickle").write_bytes(pickle.dumps(new))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", WRITE_WITH_A_SIZE_LIMIT, str(tmp_path / "new.pickle"), str(out),
+                           str(limit)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 3 and "write failed" in done.stdout, done.stdout + done.stderr
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before  # the whole old set, and no temporary left behind
+    audit.write_report(new, out)  # with room, the new set replaces it
+    assert json.loads((out / "summary.json").read_text())["model_run"] == "BinCountFlow/2"
+    assert sorted(p.name for p in out.iterdir()) == ["audit.csv", "audit.html", "summary.json"]
+
+
+def test_only_the_thumbnails_shown_are_kept(monkeypatch, synthetic_jpegs):
+    monkeypatch.setattr(audit, "MAX_THUMBNAILS", 2)
+    uri = audit.thumbnail_uri(synthetic_jpegs[2])
+
+    def part(confidences: dict[str, float]) -> AuditPart:
+        rows = [audit._row(i, "judged", expected=1, predicted=2, p_predicted=p, p_wrong=p, flagged=True)
+                for i, p in confidences.items()]
+        return AuditPart(rows, {i: uri for i in confidences})
+
+    report = combine([part({"a": 0.9, "b": 0.95}), part({"c": 0.97, "d": 0.6}), part({"e": 0.8})],
+                     **report_fields("s3://x"))
+    assert set(report.thumbnails) == {"c", "b"}  # the two most confident of all parts
+    assert len(report.flagged()) == 5 and audit.render_html(report).count("<img") == 2
+
+
+def test_score_bins_makes_thumbnails_only_for_the_bins_shown(twelve_bins, tiny_model, monkeypatch):
+    from bincount.data.sources import LocalSource
+    from bincount.model.predictor import load_predictor
+
+    monkeypatch.setattr(audit, "MAX_THUMBNAILS", 2)
+    folder, ids = twelve_bins
+    part = audit.score_bins(LocalSource(folder), load_predictor(*tiny_model), 0.0, candidate_ids=ids, workers=2,
+                            progress=False)
+    flagged = sorted((r for r in part.rows if r["flagged"]), key=lambda r: (-r["p_record_wrong"], r["id"]))
+    assert len(flagged) >= 6  # a record of 1 and one of 5 cannot both agree with one photo's count
+    assert set(part.thumbnails) == {r["id"] for r in flagged[:2]}
 
 
 # --- end to end: a folder with altered records, the CLI and AuditFlow ----------

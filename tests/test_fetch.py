@@ -26,6 +26,15 @@ def test_read_file_list_keeps_ids_as_strings(tmp_path):
     assert read_file_list(path) == ["00526", "526"]
 
 
+@pytest.mark.parametrize("entry", [7, None, ["metadata/1.json"], {"path": "metadata/1.json"}])
+def test_read_file_list_refuses_an_entry_that_is_not_a_string_and_names_it(tmp_path, entry):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"1": ["metadata/00526.json"], "2": ["metadata/9.json", entry]}))
+    with pytest.raises(ValueError, match="is not a string") as error:
+        read_file_list(path)
+    assert repr(entry) in str(error.value) and "'2'" in str(error.value) and str(path) in str(error.value)
+
+
 @pytest.mark.parametrize("raw,reason", [(b"{", "malformed metadata"), (b"[]", "no integer"),
                                         (b'{"EXPECTED_QUANTITY": "3"}', "no integer"),
                                         (b'{"EXPECTED_QUANTITY": true}', "no integer")])

@@ -3,7 +3,10 @@
 Each candidate bin's metadata is read for its label, then its photo is
 downloaded and decoded once to prove it is an image. Anything unusable (a
 missing or malformed metadata file, a label outside the classes, a missing,
-truncated or non-image photo) is skipped and recorded by id with the reason.
+truncated or non-image photo, an id that names no file, an object the source
+fails to deliver) is skipped and recorded by id with the reason: whatever one
+object raises is that object's reason, never the end of the fetch. Only a
+source that fails as a whole (:class:`SourceUnreachable`) ends it.
 Downloads run in a thread pool: each is a network round trip, so threads
 overlap the latency that a sequential loop would pay once per object. Each
 kept photo goes straight to a sink (``bincount.data.shards``: a shard writer
@@ -21,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from bincount.data.layout import image_key, metadata_key
-from bincount.data.sources import MissingObject, Source
+from bincount.data.sources import MissingObject, Source, SourceUnreachable, UnreadableObject, describe_error
 
 DEFAULT_WORKERS = 32
+MAX_QUANTITY = 2**31 - 1  # any real count is far below; a bigger one is no count (nor fits a table's Int64)
 
 
 class BadInput(ValueError):
@@ -56,19 +60,47 @@ def read_file_list(path: str | Path) -> list[str]:
         listing = json.load(f)
     if not isinstance(listing, dict) or not all(isinstance(v, list) for v in listing.values()):
         raise ValueError(f"{path}: expected a JSON object of count -> list of metadata paths")
+    for count, keys in listing.items():
+        for key in keys:
+            if not isinstance(key, str):  # a file list is written by a program: a wrong one is wrong throughout
+                raise ValueError(f"{path}: entry {key!r} under {count!r} is not a string "
+                                 "(expected a path such as 'metadata/<id>.json')")
     # Ids are strings: '00526' and '526' are different bins, so never int() them.
     return [PurePosixPath(key).stem for keys in listing.values() for key in keys]
+
+
+def unusable_id(bin_id) -> str | None:
+    """Why ``bin_id`` cannot name a bin's files (it would name another place, or none), else None.
+
+    An id comes from a listing or a file list that one bad line must not end: such an id is that
+    bin's skip reason, like any bad object.
+    """
+    if not isinstance(bin_id, str) or not bin_id:
+        return f"unusable id {bin_id!r}: not a non-empty string"
+    if bin_id in {".", ".."} or "/" in bin_id or "\\" in bin_id:
+        return f"unusable id {bin_id!r}: a path, not a file name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in bin_id):
+        return f"unusable id {bin_id!r}: has control characters"
+    return None
 
 
 def parse_label(raw: bytes) -> int:
     try:
         meta = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"malformed metadata: {e}") from None
+    except RecursionError:  # '[[[[...' deeper than the interpreter's stack
+        raise BadInput("malformed metadata: nested too deeply") from None
+    except ValueError as e:  # not UTF-8, not JSON, or an integer too long to convert (int_max_str_digits)
+        raise BadInput(f"malformed metadata: {describe_error(e)}") from None
     quantity = meta.get("EXPECTED_QUANTITY") if isinstance(meta, dict) else None
     if isinstance(quantity, bool) or not isinstance(quantity, int):
-        raise BadInput(f"metadata has no integer EXPECTED_QUANTITY (got {quantity!r})")
+        raise BadInput(f"metadata has no integer EXPECTED_QUANTITY (got {_short(repr(quantity))})")
+    if abs(quantity) > MAX_QUANTITY:
+        raise BadInput(f"metadata EXPECTED_QUANTITY is not a plausible count ({_short(str(quantity))})")
     return quantity
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_image(raw: bytes) -> tuple[int, int]:
@@ -81,8 +113,12 @@ def check_image(raw: bytes) -> tuple[int, int]:
             return image.size
     except UnidentifiedImageError:
         raise BadInput("not an image") from None
+    except Image.DecompressionBombError as e:  # not an OSError: caught by name
+        raise BadInput(f"unreadable image: decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadInput(f"unreadable image: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises on one photo is that photo's reason
+        raise BadInput(f"unreadable image: {describe_error(e)}") from None
 
 
 @dataclass
@@ -119,27 +155,46 @@ class Subset:
         return dict(sorted(Counter(self.labels).items()))
 
 
-def _read_label(source: Source, bin_id: str) -> int | str:
+def _read_object(source: Source, key: str, missing: str) -> bytes | str:
+    """The object's bytes, or why not. Only a source failing as a whole raises."""
     try:
-        return parse_label(source.read(metadata_key(bin_id)))
+        return source.read(key)
     except MissingObject:
-        return "metadata missing"
+        return missing
+    except UnreadableObject as e:
+        return str(e)
+    except SourceUnreachable:
+        raise
+    except Exception as e:  # noqa: BLE001 - one object's failure, whatever its type, is its skip reason
+        return f"cannot read {key}: {describe_error(e)}"
+
+
+def _read_label(source: Source, bin_id: str) -> int | str:
+    raw = _read_object(source, metadata_key(bin_id), "metadata missing")
+    if isinstance(raw, str):
+        return raw
+    try:
+        return parse_label(raw)
     except BadInput as e:
         return str(e)
+    except Exception as e:  # noqa: BLE001 - as above: parsing one object never ends the fetch
+        return f"malformed metadata: {describe_error(e)}"
 
 
 def _read_image(source: Source, bin_id: str) -> tuple[bytes, tuple[int, int]] | str:
+    raw = _read_object(source, image_key(bin_id), "image missing")
+    if isinstance(raw, str):
+        return raw
     try:
-        raw = source.read(image_key(bin_id))
         return raw, check_image(raw)
-    except MissingObject:
-        return "image missing"
     except BadInput as e:
         return str(e)
 
 
 def _read_bin(source: Source, bin_id: str, wanted: set[int], need: dict[int, int]):
     """(label or reason, (bytes, size) or reason, or None when not downloaded)."""
+    if (reason := unusable_id(bin_id)) is not None:
+        return reason, None
     label = _read_label(source, bin_id)
     # ``need`` is read while the caller updates it: a stale value costs at most
     # a wasted download, never a wrong choice (the caller decides, in order).
@@ -211,14 +266,16 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
     window = max(4 * workers, 1)
     pending: deque = deque()
     remaining = enumerate(candidates, start=offset)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        def refill():
-            while len(pending) < window and any(n > 0 for n in need.values()):
-                position, bin_id = next(remaining, (None, None))
-                if bin_id is None:
-                    return
-                pending.append((position, bin_id, pool.submit(_read_bin, source, bin_id, wanted, need)))
+    pool = ThreadPoolExecutor(max_workers=workers)
 
+    def refill():
+        while len(pending) < window and any(n > 0 for n in need.values()):
+            position, bin_id = next(remaining, (None, None))
+            if bin_id is None:
+                return
+            pending.append((position, bin_id, pool.submit(_read_bin, source, bin_id, wanted, need)))
+
+    try:
         refill()
         while pending and any(n > 0 for n in need.values()):  # every class full: the rest is not needed
             position, bin_id, future = pending.popleft()
@@ -245,8 +302,12 @@ def fetch_subset(source: Source, *, classes: list[int], per_class: int | None,
                 subset.positions.append(position)
                 subset.stored.append(sink.add(bin_id, label, raw))
                 bar.update(1)
-        for _, _, future in pending:  # not needed after all
+    finally:
+        # Not needed after all, or the source failed as a whole: bins not yet started are not read
+        # (each would wait out its own retries against a source known to be down).
+        for _, _, future in pending:
             future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     if progress and not ordered:  # a chunk's shortfall is not the subset's: see merge_parts
         report_shortfall(subset, classes=classes, per_class=per_class)

@@ -14,14 +14,24 @@ through :class:`Source`, so real and test data share one code path.
 from __future__ import annotations
 
 import os
+import random
+import threading
+import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from bincount.aws.clients import client_config
+from bincount.aws.clients import MAX_ATTEMPTS, client_config
 from bincount.data.layout import METADATA_DIR, PUBLIC_BUCKET
 
 READ_TIMEOUT_S = 20  # one photo or one listing page; longer is a stalled endpoint
+# botocore's standard mode waits rand(0, 1) * min(0.05 s * 2 ** i, 20 s) before retry i of a transient
+# error; a body read that failed is retried the same way.
+RETRY_BASE_S = 0.05
+RETRY_MAX_S = 20
+# This many reads in a row from one folder of a source failing (each after its retries) is the source
+# failing, not its objects: see S3Source.read.
+FAILURE_STREAK = 20
 
 
 class SourceUnreachable(RuntimeError):
@@ -33,6 +43,17 @@ class MissingObject(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want plain text
         return str(self.args[0]) if self.args else "missing object"
+
+
+class UnreadableObject(OSError):
+    """One object is there (or may be) but could not be read."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(key, why)
+        self.key, self.why = key, why
+
+    def __str__(self) -> str:
+        return f"cannot read {self.key}: {self.why}"
 
 
 def unreachable_message(source: str, error: BaseException) -> str:
@@ -73,12 +94,23 @@ class LocalSource(Source):
         return str(self.root)
 
     def read(self, key: str) -> bytes:
+        parts = PurePosixPath(key).parts
+        if not parts or key.startswith("/") or ".." in parts or "\0" in key:
+            # keys are built from ids; one that names a place outside the root is not read from anywhere
+            raise UnreadableObject(repr(key), "not a key inside the source folder")
+        path = self.root / key
         try:
-            return (self.root / key).read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             raise MissingObject(f"{key} not found in {self.root}") from None
+        except IsADirectoryError:
+            raise UnreadableObject(key, "a folder, not a file") from None
+        except OSError as e:  # a name too long for the file system, a permission, a bad disk: this object only
+            raise UnreadableObject(key, e.strerror or str(e)) from None
 
     def list_ids(self) -> Iterator[str]:
+        # A folder named <id>.json is listed like a file: reading it then says "is a folder", by id,
+        # rather than the bin vanishing from the listing unreported.
         for path in sorted((self.root / METADATA_DIR).glob("*.json")):
             yield path.stem
 
@@ -91,47 +123,118 @@ class LocalSource(Source):
 
 
 class S3Source(Source):
-    """A bucket (and optional prefix) on AWS S3 or an S3-compatible endpoint."""
+    """A bucket (and optional prefix) on AWS S3 or an S3-compatible endpoint.
 
-    def __init__(self, url: str, *, max_pool_connections: int = 32, endpoint_url: str | None = None):
+    ``read_timeout_s`` and ``max_attempts`` (retries after the first try, botocore's meaning) bound
+    every request and every body read; tests lower them to stay fast.
+    """
+
+    def __init__(self, url: str, *, max_pool_connections: int = 32, endpoint_url: str | None = None,
+                 read_timeout_s: float = READ_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS):
         import boto3
+        from botocore.config import Config
 
         self.url = url.rstrip("/")
         bucket_and_prefix = self.url[len("s3://"):]
         self.bucket, _, prefix = bucket_and_prefix.partition("/")
         self.prefix = f"{prefix}/" if prefix else ""
+        self.max_attempts = max_attempts
+        self._streaks: dict[str, int] = {}  # folder -> reads in a row that failed
+        self._lock = threading.Lock()
         session = boto3.Session()
         # The public dataset is read anonymously; a private bucket (or a test
         # server) is read with whatever credentials boto3 finds.
         anonymous = self.url.startswith(PUBLIC_BUCKET) or session.get_credentials() is None
-        config = client_config(read_timeout_s=READ_TIMEOUT_S, max_pool_connections=max_pool_connections,
+        config = client_config(read_timeout_s=read_timeout_s, max_pool_connections=max_pool_connections,
                                unsigned=anonymous)
+        if max_attempts != MAX_ATTEMPTS:
+            config = config.merge(Config(retries={"max_attempts": max_attempts, "mode": "standard"}))
         # boto3 itself honours AWS_ENDPOINT_URL; the argument is for callers
         # that point at a server explicitly.
         self.client = session.client("s3", config=config, endpoint_url=endpoint_url,
                                      region_name=session.region_name or "us-east-1")
 
     def _call(self, fn, *args, **kwargs):
+        """A listing call: any failure of it is the source's, not one object's."""
+        from botocore.exceptions import ClientError
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import ReadTimeoutError
 
         try:
             return fn(*args, **kwargs)
-        except (BotoConnectionError, ReadTimeoutError) as e:
+        except (BotoConnectionError, ReadTimeoutError, ClientError) as e:
             raise SourceUnreachable(unreachable_message(self.url, e)) from e
 
     def read(self, key: str) -> bytes:
+        """The object's bytes; :class:`MissingObject` if it is not there; :class:`UnreadableObject`
+        if this object failed after its retries; :class:`SourceUnreachable` if the source did.
+
+        Where the line falls between one object and the whole source:
+
+        - No connection could be made (refused, connect timeout), after botocore's retries: the
+          source is down, whatever the key. Skipping would turn an outage into one skip per bin,
+          each costing the whole retry time: fail now, as ``check()`` does.
+        - An answer came, but an error (403, a 503 SlowDown still there after botocore's retries,
+          a 500), or a body that stalled or was cut, still so after our retries: this object is
+          unreadable and the fetch skips it by id. One forbidden or throttled key must not end
+          hours of work.
+        - Unless reads keep failing: ``FAILURE_STREAK`` reads in a row from one folder
+          (``bin-images/`` or ``metadata/``) with no read from it succeeding in between is a source
+          that refuses everything there (wrong credentials, a bucket policy, an endpoint that
+          stalls every answer), so it too ends the fetch, fast, with the last error.
+        """
         from botocore.exceptions import ClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
-        def get() -> bytes:  # the body is streamed: its read can time out too
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        for attempt in range(self.max_attempts + 1):
+            try:
+                # botocore has retried the request itself: errors from it are final
+                body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"]
+            except ClientError as e:
+                error = e.response.get("Error", {})
+                if error.get("Code") in {"NoSuchKey", "404", "NotFound"}:
+                    self._succeeded(key)  # the source answered: the object is just not there
+                    raise MissingObject(f"{key} not found in {self.url}") from None
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                raise self._failed(key, f"{status} {error.get('Code')}: {error.get('Message')}") from None
+            except BotoConnectionError as e:
+                raise SourceUnreachable(unreachable_message(self.url, e)) from e
+            except Exception as e:  # noqa: BLE001 - a read timeout or a dropped connection, after retries
+                raise self._failed(key, describe_error(e)) from None
+            try:
+                data = self._read_body(body)
+            except Exception as e:  # noqa: BLE001 - botocore does not retry body reads: we do
+                if attempt == self.max_attempts:
+                    raise self._failed(key, f"{describe_error(e)} (after {attempt + 1} tries)") from None
+                time.sleep(random.random() * min(RETRY_BASE_S * 2 ** attempt, RETRY_MAX_S))
+                continue
+            self._succeeded(key)
+            return data
+        raise AssertionError("unreachable")  # the loop returns or raises
 
+    @staticmethod
+    def _read_body(body) -> bytes:
         try:
-            return self._call(get)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
-                raise MissingObject(f"{key} not found in {self.url}") from None
-            raise
+            return body.read()  # checks the length against Content-Length: a cut body raises
+        finally:
+            body.close()
+
+    def _succeeded(self, key: str) -> None:
+        with self._lock:
+            self._streaks[key.split("/", 1)[0]] = 0
+
+    def _failed(self, key: str, why: str) -> Exception:
+        """The error to raise for ``key`` failing: the object's, or the source's when failures persist."""
+        folder = key.split("/", 1)[0]
+        with self._lock:
+            self._streaks[folder] = streak = self._streaks.get(folder, 0) + 1
+        if streak >= FAILURE_STREAK:
+            return SourceUnreachable(
+                f"Reading from {self.url} failed for {streak} objects in a row under {folder}/, none read "
+                f"in between (the last: {key}: {why}): the source, not one object, is failing. Check "
+                "credentials and bucket permissions, the network (and AWS_ENDPOINT_URL if you set one), "
+                "or run from a local mirror (--source /path/to/mirror) or generated data (--source synthetic).")
+        return UnreadableObject(key, why)
 
     def list_ids(self) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
@@ -144,13 +247,16 @@ class S3Source(Source):
                     yield name[: -len(".json")]
 
     def check(self) -> None:
-        from botocore.exceptions import ClientError
+        self._call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=f"{self.prefix}{METADATA_DIR}/",
+                   MaxKeys=1)
 
-        try:
-            self._call(self.client.list_objects_v2, Bucket=self.bucket,
-                       Prefix=f"{self.prefix}{METADATA_DIR}/", MaxKeys=1)
-        except ClientError as e:
-            raise SourceUnreachable(unreachable_message(self.url, e)) from e
+
+def describe_error(error: BaseException) -> str:
+    """One line naming the error's type, for a skip reason: messages alone can be empty or vague."""
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def default_cache_dir() -> Path:
