@@ -13,12 +13,16 @@ from bincount import __version__
 
 def _cmd_serve(args) -> int:
     from bincount.flow.runs import get_run, model_of
+    from bincount.serving.handler import model_fn
     from bincount.serving.package import build_package, extract_package
     from bincount.serving.server import serve_with_arguments
 
     run = get_run(args.run)
-    model_dir = extract_package(build_package(*model_of(run)), tempfile.mkdtemp(prefix="bincount-serve-"))
-    serve_with_arguments(model_dir, args, args.parser)
+    # The package is loaded as the endpoint loads it, then its folder goes: however the server
+    # ends later (uvicorn re-raises SIGTERM, so no finally would run), nothing is left behind.
+    with tempfile.TemporaryDirectory(prefix="bincount-serve-") as tmp:
+        predictor = model_fn(str(extract_package(build_package(*model_of(run)), tmp)))
+    serve_with_arguments(predictor, args, args.parser)
     return 0
 
 

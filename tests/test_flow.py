@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -81,10 +82,11 @@ def test_cli_predict_and_evaluate_use_the_run(synthetic_run, synthetic_jpegs, tm
     assert metrics["n"] == 120 and 0 <= metrics["accuracy"] <= 1 and metrics["run"].endswith(synthetic_run.id)
 
 
-def test_cli_serve_starts_the_latest_run(synthetic_run, synthetic_jpegs):
+def test_cli_serve_starts_the_latest_run(synthetic_run, synthetic_jpegs, tmp_path):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -98,6 +100,8 @@ def test_cli_serve_starts_the_latest_run(synthetic_run, synthetic_jpegs):
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", data=synthetic_jpegs[2],
                                headers={"Content-Type": "image/jpeg"}, timeout=30).json()
         assert answer["predictions"][0]["run_id"] == synthetic_run.id
+        # the package's folder went once the model was loaded: a server that is killed leaves nothing
+        assert not list(tmp_path.glob("bincount-serve-*"))
     finally:
         server.terminate()
         server.wait(10)

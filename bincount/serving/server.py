@@ -35,10 +35,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-from bincount.model.metadata import ModelMeta
 from bincount.serving.handler import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS
 
 DEFAULT_PORT = 8080
@@ -547,7 +545,7 @@ def describe_batching(app, max_batch_delay_ms: float) -> str:
     return f"{chosen}; chosen from ms per image by batch size {{{measured}}}"
 
 
-def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+def serve(model, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           max_body_bytes: int = DEFAULT_MAX_BODY, max_batch_size: int | str = DEFAULT_MAX_BATCH_SIZE,
           max_batch_delay_ms: float = DEFAULT_MAX_BATCH_DELAY_MS, limits: Limits = Limits()) -> None:
     import uvicorn
@@ -555,9 +553,13 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT
     _prefer_passive_openmp()
     # Our warnings and errors (an internal error's id and traceback) with a time and a source.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(model_dir, max_body_bytes=max_body_bytes, max_batch_size=max_batch_size,
+    from bincount.serving import handler as inference
+
+    # Loaded here, not in create_app, so that the folder is no longer needed once it is in memory.
+    predictor = model if isinstance(model, inference.Predictor) else inference.model_fn(str(model))
+    app = create_app(predictor, max_body_bytes=max_body_bytes, max_batch_size=max_batch_size,
                      max_batch_delay_ms=max_batch_delay_ms, limits=limits)
-    meta = ModelMeta.read(Path(model_dir) / "model.json")
+    meta = predictor.meta
     print(f"serving run {meta.run_id} ({meta.arch}) on http://{host}:{port} "
           f"({describe_batching(app, max_batch_delay_ms)})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", **uvicorn_settings(limits))
@@ -633,10 +635,11 @@ def limits_from_arguments(args: argparse.Namespace, parser: argparse.ArgumentPar
     return Limits(**values)
 
 
-def serve_with_arguments(model_dir: str | Path, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def serve_with_arguments(model, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Serve ``model`` (a model folder or a loaded Predictor) as the parsed arguments say."""
     if args.max_batch_delay_ms < 0 or args.max_body_bytes < 1:
         parser.error("need --max-batch-delay-ms >= 0 and --max-body-bytes >= 1")
-    serve(model_dir, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+    serve(model, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
           max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
           limits=limits_from_arguments(args, parser))
 
