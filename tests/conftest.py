@@ -3,8 +3,10 @@ loopback (moto), real bin photos from ../shared/abid-sample, small models."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -207,6 +209,16 @@ def resume_flow(origin_run_id: str, *, env: dict | None = None, top: dict | None
 
 
 @pytest.fixture(scope="session")
+def quick_grid(tmp_path_factory) -> Path:
+    """The tiny grid at two epochs, for flow tests about plumbing rather than learning."""
+    grid = json.loads(TINY_GRID.read_text())
+    grid["defaults"]["epochs"] = 2
+    path = tmp_path_factory.mktemp("grids") / "quick.json"
+    path.write_text(json.dumps(grid))
+    return path
+
+
+@pytest.fixture(scope="session")
 def synthetic_run():
     """One real flow run on generated data, read back by many tests; its photos (about 1 MB),
     fetched by two tasks, span several shards."""
@@ -230,3 +242,16 @@ def synthetic_jpegs() -> dict[int, bytes]:
     from bincount.data.synthetic import synthetic_bin
 
     return {count: synthetic_bin(count, seed=count) for count in (1, 2, 3, 4, 5)}
+
+
+def card_components(html: str) -> list[dict]:
+    """A Metaflow card's components, decoded from the base64 JSON the default card template embeds."""
+    match = re.search(r'window\.__MF_DATA__\["[^"]*"\] = "([A-Za-z0-9+/=]*)"', html)
+    assert match, "no card data in the HTML"
+    return json.loads(base64.b64decode(match.group(1)))["components"]
+
+
+def card_text(html: str) -> str:
+    """What a card shows, as text to search: a bincount_sortable_table card's HTML as it is, a
+    default-template card's components as JSON."""
+    return json.dumps(card_components(html)) if "window.__MF_DATA__" in html else html

@@ -1,8 +1,6 @@
 """Run reports: every step's card holds its components and renders offline; a broken card never
 fails a step; the inspection notebook runs end to end against a run the tests made."""
 
-import base64
-import json
 import os
 import re
 
@@ -10,7 +8,7 @@ import pytest
 
 from bincount.flow import cards
 
-from conftest import DATASTORE, REPO
+from conftest import DATASTORE, REPO, card_components
 
 NOTEBOOK = REPO / "notebooks" / "inspect_runs.ipynb"
 
@@ -35,13 +33,6 @@ EXPECTED = {
                                      "reason", "## What went where", "package_sha256",
                                      "## Smoke test", "16 requests over HTTP", "p50", "p95"]},
 }
-
-
-def card_components(html: str) -> list[dict]:
-    """The card's components, decoded from the base64 JSON the default card template embeds."""
-    match = re.search(r'window\.__MF_DATA__\["[^"]*"\] = "([A-Za-z0-9+/=]*)"', html)
-    assert match, "no card data in the HTML"
-    return json.loads(base64.b64decode(match.group(1)))["components"]
 
 
 def walk(node):
@@ -222,6 +213,56 @@ def test_a_failing_card_warns_and_the_step_goes_on(capsys):
 
     cards.fetch_card(NoCard(), object())  # neither building nor appending may raise
     assert "warning" in capsys.readouterr().err
+
+
+class RefreshedCard(list):
+    """What a dynamic card's step code sees: clear, extend, refresh (Metaflow's own is tested in
+    tests/test_fault_tolerance.py, read back from a killed run)."""
+
+    refreshes = 0
+
+    def clear(self):
+        del self[:]
+
+    def refresh(self, force=False):
+        self.refreshes += 1
+
+
+def test_a_training_card_shows_the_curves_so_far_and_the_time_left():
+    from bincount.model.train import TrainResult
+
+    history = [{"epoch": k, "train_loss": 2.0 / k, "val_loss": 2.2 / k, "train_accuracy": 0.2 * k,
+                "val_accuracy": 0.15 * k, "epoch_seconds": 120.0, "train_images_per_second": 42.0}
+               for k in (1, 2)]
+    result = TrainResult(config={"name": "lite0"}, state_dict=b"", history=history, best_epoch=2, val_accuracy=0.3)
+    card = RefreshedCard()
+    cards.train_progress(card, epochs=8)(result)
+    text = card[0].render()["source"]
+    assert "training, epoch 2 of 8" in text and "42.0 images/s" in text and "About 12 min left" in text
+    assert card[1].render()["type"] == "image" and card.refreshes == 1
+    cards.train_progress(card, epochs=8)(result)
+    assert len(card) == 2  # redrawn, not appended to
+
+
+def test_a_sagemaker_jobs_card_shows_its_status_and_last_log_lines(capsys):
+    card = RefreshedCard()
+    log = cards.job_progress(card, "lite0", keep=2, interval_s=0)
+    for line in ["started SageMaker training job j-1 (1 x ml.g5.xlarge)", "training job j-1: InProgress (Training)",
+                 "[algo-1] epoch 1/8 ...", "[algo-1] epoch 2/8 ..."]:
+        log(line)
+    status, lines = (component.render()["source"] for component in card)
+    assert "training job j-1: InProgress (Training)" in status
+    assert "epoch 2/8" in lines and "epoch 1/8" in lines and "started" not in lines  # the last two lines
+    assert "[algo-1] epoch 2/8" in capsys.readouterr().out  # and the step's log still has every line
+
+    # A chatty job redraws the card when its status changes, else at most once an interval.
+    throttled = RefreshedCard()
+    log = cards.job_progress(throttled, "lite0", keep=2, interval_s=3600)
+    for line in ["started SageMaker training job j-1 (1 x ml.g5.xlarge)", "[algo-1] a", "[algo-1] b",
+                 "training job j-1: Completed"]:
+        log(line)
+    status, lines = (component.render()["source"] for component in throttled)
+    assert throttled.refreshes == 2 and "Completed" in status and "[algo-1] b" in lines
 
 
 def test_calibration_and_worst_mistakes():

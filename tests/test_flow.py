@@ -13,7 +13,7 @@ import requests
 
 from bincount.model.train import FAIL_ENV
 
-from conftest import free_port, resume_flow, run_flow, sample_files, upload_tree
+from conftest import TINY_GRID, free_port, resume_flow, run_flow, sample_files, upload_tree
 
 pytestmark = pytest.mark.flow
 
@@ -96,10 +96,14 @@ def test_cli_serve_starts_the_latest_run(synthetic_run, synthetic_jpegs, tmp_pat
             except requests.ConnectionError:
                 assert server.poll() is None, server.stdout.read().decode()
                 time.sleep(0.5)
-        assert ping.json()["run_id"] == synthetic_run.id
+        # other tests' runs may be newer than synthetic_run: the newest successful one of this user
+        from metaflow import Flow
+
+        latest = max((run for run in Flow("BinCountFlow").runs() if run.successful), key=lambda run: int(run.id))
+        assert ping.json()["run_id"] == latest.id
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", data=synthetic_jpegs[2],
                                headers={"Content-Type": "image/jpeg"}, timeout=30).json()
-        assert answer["predictions"][0]["run_id"] == synthetic_run.id
+        assert answer["predictions"][0]["run_id"] == latest.id
         # the package's folder went once the model was loaded: a server that is killed leaves nothing
         assert not list(tmp_path.glob("bincount-serve-*"))
     finally:
@@ -108,7 +112,7 @@ def test_cli_serve_starts_the_latest_run(synthetic_run, synthetic_jpegs, tmp_pat
 
 
 def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpoint, abid_sample, abid_ids,
-                                                             bad_objects, tmp_path):
+                                                             bad_objects, tmp_path, quick_grid):
     files, reasons = bad_objects
     good = {c: abid_ids[c][:8] for c in (1, 2, 3, 4, 5)}
     upload_tree(s3_client, "abid-flow", "mirror",
@@ -119,8 +123,8 @@ def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpo
     file_list.write_text(json.dumps(listing))
     env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     # three fetch tasks: the report gathered from them is the one a single download makes
-    running = run_flow(env=env, source="s3://abid-flow/mirror", file_list=str(file_list), deploy_target="none",
-                       fetch_tasks=3)
+    running = run_flow(env=env, grid=quick_grid, source="s3://abid-flow/mirror", file_list=str(file_list),
+                       deploy_target="none", fetch_tasks=3)
     assert running.status == "successful", running.output[-4000:]
     data = running.run.data
     assert sorted(data.subset["id"]) == sorted(i for ids in good.values() for i in ids)
@@ -131,16 +135,25 @@ def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpo
     assert data.deployment == {"target": "none"} and data.test_metrics["n"] == 6
 
 
-def test_resume_reruns_only_the_failed_branch():
-    """Also the one flow run with empty bins: --classes 0-5."""
+def test_resume_reruns_only_the_failed_branch_from_its_last_checkpoint(tmp_path):
+    """With --require-all-points a point that fails after its retry fails the run; `resume` trains it
+    again from its last checkpoint. Also the one flow run with empty bins: --classes 0-5."""
     # One task at a time, so tiny-a has finished (and is cloned by the resume) before tiny-b fails:
     # Metaflow stops every running task when one fails.
-    failed = run_flow(env={FAIL_ENV: "tiny-b"}, source="synthetic", per_class=30, classes="0-5",
-                      deploy_target="none", max_workers=1)
+    grid = json.loads(TINY_GRID.read_text())
+    grid["defaults"]["epochs"] = 3
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    failed = run_flow(env={FAIL_ENV: "tiny-b"}, grid=tmp_path / "grid.json", source="synthetic", per_class=30,
+                      classes="0-5", deploy_target="none", max_workers=1, require_all_points=True)
     assert failed.status == "failed"
-    assert "failing on purpose" in failed.output
+    # attempt 1 fails after epoch 1; the retry goes on from its checkpoint and fails after epoch 2
+    assert "failing on purpose after epoch 1" in failed.output and "failing on purpose after epoch 2" in failed.output
+    assert "failing on purpose after epoch 3" not in failed.output  # no third attempt
+    assert "tiny-b: continuing from the checkpoint after epoch 1 of 3" in failed.output
     resumed = resume_flow(failed.run.id)
     assert resumed.status == "successful", resumed.output[-4000:]
+    assert "tiny-b: continuing from the checkpoint after epoch 2 of 3" in resumed.output
+    assert "tiny-b epoch 2/3" not in resumed.output and "tiny-b epoch 3/3" in resumed.output
     run = resumed.run
     origin = failed.run.pathspec
     assert run["split"].task.origin_pathspec.startswith(origin)
@@ -171,7 +184,7 @@ def sagemaker_config(tmp_path, **settings):
     return path
 
 
-def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_endpoint, tmp_path):
+def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_endpoint, tmp_path, quick_grid):
     s3_client.create_bucket(Bucket="flow-models")
     # moto answers invoke_endpoint with a canned body and fails on non-UTF-8
     # bodies, so the smoke test sends base64 JSON and records answers as unverified.
@@ -180,7 +193,8 @@ def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_end
                               smoke_content_type="application/json")
     env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
-    running = run_flow(env=env, deploy_config=config, source="synthetic", per_class=30, deploy_target="sagemaker")
+    running = run_flow(env=env, deploy_config=config, grid=quick_grid, source="synthetic", per_class=30,
+                       deploy_target="sagemaker")
     assert running.status == "successful", running.output[-4000:]
     deployment = running.run.data.deployment
     assert deployment["target"] == "sagemaker" and deployment["action"] == "created"
@@ -190,10 +204,11 @@ def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_end
     assert "champion:sagemaker" in running.run.user_tags
 
 
-def test_sagemaker_target_without_settings_fails_before_training(tmp_path):
+def test_sagemaker_target_without_settings_fails_before_training():
+    """No deploy config at all: the start step stops the run. (A config missing a key never starts
+    a run: see test_cli's bad-config test.)"""
     started = time.monotonic()
-    running = run_flow(deploy_config=sagemaker_config(tmp_path, bucket="b"), source="synthetic",
-                       deploy_target="sagemaker")
+    running = run_flow(source="synthetic", deploy_target="sagemaker")
     assert running.status == "failed" and "role_arn" in running.output
     assert [step.id for step in running.run] == ["start"]
     assert time.monotonic() - started < 60

@@ -192,6 +192,38 @@ def test_entry_point_trains_as_sagemaker_runs_it(tmp_path, tiny_data):
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
 
 
+def test_entry_point_goes_on_from_the_checkpoint_in_its_checkpoint_folder(tmp_path, tiny_data, monkeypatch):
+    """A job SageMaker restarts finds /opt/ml/checkpoints holding its last epoch (restored from
+    checkpoint_s3_uri): it trains only the epochs after it, and ends as a job that never stopped."""
+    from bincount.model.checkpoint import Checkpoints
+    from bincount.model.train import FAIL_ENV, train_on_split
+
+    images, table = tiny_data
+    channel = write_channel(images, table, data_dir(tmp_path, "train"))
+    photos, split = read_channel(channel)
+    folder = tmp_path / "opt" / "ml" / "checkpoints"
+    # The job's first life: epoch 1 checkpointed, then the machine is lost.
+    monkeypatch.setenv(FAIL_ENV, f"{TINY.name}:1")
+    with pytest.raises(RuntimeError, match="on purpose after epoch 1"):
+        train_on_split(TINY, photos, split, CLASSES, seed=SEED, cache_bytes=0, progress=False,
+                       checkpoints=Checkpoints(str(folder)))
+    monkeypatch.delenv(FAIL_ENV)
+    uninterrupted = train_on_split(TINY, photos, split, CLASSES, seed=SEED, cache_bytes=0, progress=False)
+
+    monkeypatch.setenv("BINCOUNT_CHECKPOINT_DIR", str(folder))  # as the launcher sets it in the job
+    code = build_source_dir(data_dir(tmp_path, "code"))
+    done, env = run_container(tmp_path, code=code, drivers=sdk_drivers(data_dir(tmp_path, "sm_drivers")),
+                              hyperparameters=encode_hyperparameters(TINY, seed=SEED, classes=CLASSES, cache_bytes=0),
+                              job_name="bincount-restarted")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert f"continuing from the checkpoint after epoch 1 of {TINY.epochs}" in done.stdout
+    assert f"{TINY.name} epoch 1/" not in done.stdout  # epoch 1 was not trained again
+    result = load_result(Path(env["SM_MODEL_DIR"]))
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert result.state_dict == uninterrupted.state_dict
+    assert Checkpoints(str(folder)).load()["epoch"] == TINY.epochs  # the last epoch, for SageMaker to sync
+
+
 def entry(tmp_path: Path, env: dict[str, str], args: list[str] = ()) -> subprocess.CompletedProcess:
     code = build_source_dir(tmp_path / "code")
     return subprocess.run([sys.executable, "train.py", *args], cwd=code, env={**container_base_env(tmp_path), **env},
@@ -333,7 +365,10 @@ def test_launch_configures_the_job_and_uploads_only_train_and_val(aws, tiny_data
     tuned = settings(instance_type="ml.g5.2xlarge", instance_count=2, use_spot=True, max_runtime_s=1800,
                      max_wait_s=3600, volume_size_gb=50, s3_prefix="/jobs/bincount/")
     prefix = f"bincount-{uuid.uuid4().hex[:6]}/{TINY.name}"
-    lines = []
+    lines, sent = [], []
+    # moto keeps no Environment on the job it records, so read the request as boto3 sends it.
+    aws.events.register("provide-client-params.sagemaker.CreateTrainingJob",
+                        lambda params, **_: sent.append(params))
     launched = launch_training_job(TINY, images, table, CLASSES, seed=SEED, settings=tuned, job_prefix=prefix,
                                    session=aws, cache_bytes=64 * 2**20, log=lines.append)
 
@@ -355,6 +390,12 @@ def test_launch_configures_the_job_and_uploads_only_train_and_val(aws, tiny_data
                         "sm_drivers": f"s3://{BUCKET}/{branch}/{launched.name}/input/sm_drivers"}
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/{branch}"
     assert launched.channel_uri == channels["train"]
+    # Checkpoints: SageMaker syncs /opt/ml/checkpoints with a folder that stays the same when the
+    # train step is retried (the branch's), so a restarted or retried job goes on from its last epoch.
+    assert job["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/{branch}/checkpoints",
+                                       "LocalPath": "/opt/ml/checkpoints"}
+    assert len(sent) == 1 and sent[0]["Environment"]["BINCOUNT_CHECKPOINT_DIR"] == "/opt/ml/checkpoints"
+    assert launched.checkpoint_uri == job["CheckpointConfig"]["S3Uri"]
 
     # The channel: split.csv and shards of the train/val photos, byte for byte; nothing of the test split.
     uploaded = objects(s3, f"{branch}/input/train/")
@@ -461,6 +502,24 @@ def test_run_shards_already_in_s3_are_read_in_place_not_uploaded_again(aws, tiny
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert env["SM_CHANNEL_SHARDS"] == str(data_dir(tmp_path, "shards"))
     check_trained(load_result(Path(env["SM_MODEL_DIR"])), TINY, n_val=int((table["split"] == "val").sum()))
+
+
+def test_a_job_starts_from_the_flows_last_checkpoint(aws, tiny_data, tmp_path):
+    """A resumed run (or a retry that trained elsewhere) has a checkpoint the job's S3 folder lacks:
+    the launcher puts it there, for SageMaker to restore into /opt/ml/checkpoints."""
+    from bincount.data.blobs import read_blob, write_blob
+    from bincount.model.checkpoint import Checkpoints
+
+    images, table = tiny_data
+    origin = tmp_path / "origin-run" / "train" / TINY.name
+    write_blob(str(origin / "checkpoint.pt"), b"the state after epoch 1")
+    checkpoints = Checkpoints(str(tmp_path / "this-run" / "train" / TINY.name), resume_from=str(origin))
+    lines = []
+    launched = launch_training_job(TINY, images, table, CLASSES, seed=SEED, settings=settings(),
+                                   job_prefix=f"bincount-{uuid.uuid4().hex[:6]}", session=aws,
+                                   checkpoints=checkpoints, log=lines.append)
+    assert read_blob(f"{launched.checkpoint_uri}/checkpoint.pt") == b"the state after epoch 1"
+    assert any(f"starts from the checkpoint in {origin}" in line for line in lines)
 
 
 def test_failed_job_raises_its_name_and_failure_reason(aws, tiny_data):

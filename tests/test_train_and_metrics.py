@@ -1,4 +1,5 @@
 import io
+from dataclasses import replace
 
 import pytest
 
@@ -81,6 +82,60 @@ def test_injected_failure_stops_the_named_point(synthetic_split, monkeypatch):
     monkeypatch.setenv(FAIL_ENV, "t")
     with pytest.raises(RuntimeError, match="on purpose after epoch 1"):
         train_on_split(CFG, images, table, [1, 2, 3, 4, 5], progress=False)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streamed"])
+def test_a_fit_that_fails_goes_on_from_its_checkpoint_and_ends_as_one_that_never_stopped(
+        synthetic_split, monkeypatch, tmp_path, cached, capsys):
+    """Epoch 2 is checkpointed, then the point fails; training again with the same checkpoints
+    starts at epoch 3 and ends with the weights, curves and validation softmax of a run that
+    never failed (same seed, CPU): the optimizer, schedule and every generator came back."""
+    from bincount.model.checkpoint import Checkpoints
+
+    images, table = synthetic_split
+    cfg = TrainConfig(name="t", arch="resnet18", pretrained=False, batch_size=16, epochs=4, image_size=64,
+                      lr=1e-3, label_smoothing=0.05)
+    # Streamed in this process (no loader workers): worker processes are test_a_split_too_big_for_the_cache's.
+    options = dict(progress=False, seed=3, cache_bytes=None if cached else 0, workers=1 if cached else 0)
+    uninterrupted = train_on_split(cfg, images, table, [1, 2, 3, 4, 5], **options)
+
+    checkpoints = Checkpoints(str(tmp_path / "t"))
+    monkeypatch.setenv(FAIL_ENV, "t:2")
+    with pytest.raises(RuntimeError, match="on purpose after epoch 2"):
+        train_on_split(cfg, images, table, [1, 2, 3, 4, 5], checkpoints=checkpoints, **options)
+    assert checkpoints.load()["epoch"] == 2
+    capsys.readouterr()
+    seen = []
+    resumed = train_on_split(cfg, images, table, [1, 2, 3, 4, 5], checkpoints=checkpoints,
+                             on_epoch=lambda r: seen.append(len(r.history)), **options)
+    assert "continuing from the checkpoint after epoch 2 of 4" in capsys.readouterr().out
+    assert seen == [3, 4]  # only epochs 3 and 4 were trained again
+    assert resumed.state_dict == uninterrupted.state_dict
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    assert [(r["epoch"], r["train_loss"], r["val_accuracy"]) for r in resumed.history] == \
+        [(r["epoch"], r["train_loss"], r["val_accuracy"]) for r in uninterrupted.history]
+    assert resumed.val_probabilities == uninterrupted.val_probabilities
+
+
+def test_a_checkpoint_of_other_settings_is_refused(synthetic_split, tmp_path):
+    from bincount.model.checkpoint import CheckpointMismatch, Checkpoints
+
+    images, table = synthetic_split
+    checkpoints = Checkpoints(str(tmp_path / "t"))
+    cfg = TrainConfig(name="t", arch="resnet18", pretrained=False, batch_size=16, epochs=1, image_size=64)
+    train_on_split(cfg, images, table, [1, 2, 3, 4, 5], checkpoints=checkpoints, progress=False)
+    with pytest.raises(CheckpointMismatch, match=r"other settings \(\['lr'\] differ\)"):
+        train_on_split(replace(cfg, lr=0.1), images, table, [1, 2, 3, 4, 5], checkpoints=checkpoints,
+                       progress=False)
+
+
+def test_a_time_limit_stops_training_as_a_timeout(synthetic_split):
+    from bincount.model.train import TrainingTimeout
+
+    images, table = synthetic_split
+    cfg = TrainConfig(name="t", arch="resnet18", pretrained=False, batch_size=16, epochs=50, image_size=64)
+    with pytest.raises(TrainingTimeout, match="training t took longer than its limit of 2 s"):
+        train_on_split(cfg, images, table, [1, 2, 3, 4, 5], progress=False, timeout_s=2)
 
 
 def result(name, acc, loss, size=96, probabilities=()):

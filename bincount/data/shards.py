@@ -28,11 +28,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bincount.data.blobs import s3_client, split_s3
+
 SHARD_PATTERN = "shard-%06d.tar"
 # AWS recommends objects of 100 MB to 1 GB for training reads from S3; a quarter of a
 # gigabyte is about 4,000 bin photos and downloads in seconds on a training machine.
 DEFAULT_SHARD_BYTES = 256 * 2**20
-READ_TIMEOUT_S = 120  # one GET of a whole shard
 
 
 class ShardError(RuntimeError):
@@ -41,24 +42,6 @@ class ShardError(RuntimeError):
 
 def checksum(raw: bytes) -> str:
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
-
-
-def _split_s3(url: str) -> tuple[str, str]:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    return bucket, prefix.strip("/")
-
-
-def _s3_client():
-    import boto3
-
-    from bincount.aws.clients import client_config
-
-    # boto3 honours AWS_ENDPOINT_URL (an S3-compatible server); a run's shards sit beside its
-    # Metaflow datastore, so where only Metaflow was pointed at such a server, follow it.
-    endpoint = None
-    if not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
-        endpoint = os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint, config=client_config(read_timeout_s=READ_TIMEOUT_S))
 
 
 @dataclass(frozen=True)
@@ -94,9 +77,9 @@ class ShardSet:
                 raise ShardError(f"cannot open shard {self.url(shard)}: {e}") from None
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, prefix = _split_s3(self.url(shard))
+        bucket, prefix = split_s3(self.url(shard))
         try:
-            return _s3_client().get_object(Bucket=bucket, Key=prefix)["Body"]
+            return s3_client().get_object(Bucket=bucket, Key=prefix)["Body"]
         except (BotoCoreError, ClientError) as e:
             raise ShardError(f"cannot read shard {self.url(shard)}: {e}") from None
 
@@ -160,8 +143,8 @@ class ShardSink:
         self._writer = None
         name = self._shards[-1]
         if self._s3:
-            bucket, key = _split_s3(f"{self.root.rstrip('/')}/{name}")
-            _s3_client().upload_file(str(self._local / name), bucket, key)
+            bucket, key = split_s3(f"{self.root.rstrip('/')}/{name}")
+            s3_client().upload_file(str(self._local / name), bucket, key)
             os.remove(self._local / name)
 
     def add(self, bin_id: str, label: int, raw: bytes) -> dict:

@@ -360,6 +360,79 @@ def train_card(flow) -> list:
     return train_components(flow.history, flow.scores)
 
 
+def progress_components(result, epochs: int) -> list:
+    """The train card while its grid point trains: the curves so far, the speed, the time left."""
+    history = result.history
+    done, last = len(history), history[-1]
+    per_epoch = sum(r["epoch_seconds"] for r in history[-3:]) / len(history[-3:])  # recent epochs: the pace now
+    left = (epochs - done) * per_epoch
+    name = result.config.get("name", "?")
+    return [_md(f"# Grid point `{name}`: training, epoch {done} of {epochs}\n\n"
+                f"Best so far: epoch {result.best_epoch}, validation accuracy {result.val_accuracy:.3f}. "
+                f"Last epoch: {last['epoch_seconds']:.0f} s, {last['train_images_per_second']:.1f} images/s. "
+                f"About {_duration(left)} left. This card refreshes after every epoch; the final report "
+                "replaces it when the point is done."),
+            learning_curves(history, result.best_epoch, f"Learning curves so far: {name}")]
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 \
+        else f"{minutes} min"
+
+
+JOB_CARD_INTERVAL_S = 10.0  # a SageMaker job's log can be many lines a second; each card render is a process
+
+
+def job_progress(card, grid_point: str, keep: int = 25, interval_s: float = JOB_CARD_INTERVAL_S):
+    """A ``log`` for a grid point trained by a SageMaker job: each line is printed as before, and the
+    train step's card shows the job's latest status and its last ``keep`` log lines (redrawn when the
+    status changes, else at most every ``interval_s``)."""
+    import time
+    from collections import deque
+
+    lines: deque = deque(maxlen=keep)
+    status = ["the job is being started"]
+    last_drawn = [float("-inf")]
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+        changed = line.startswith(("training job ", "started SageMaker training job"))
+        if changed:
+            status[0] = line
+        if not changed and time.monotonic() - last_drawn[0] < interval_s:
+            return
+        last_drawn[0] = time.monotonic()
+        try:
+            components = [_md(f"# Grid point `{grid_point}`: SageMaker training job\n\n{status[0]}\n\n"
+                              f"The job's last {len(lines)} log lines:"),
+                          _md("```\n" + "\n".join(lines) + "\n```")]
+            card.clear()
+            card.extend(components)
+            card.refresh()
+        except Exception as e:  # noqa: BLE001 - a report must never cost the run
+            print(f"warning: the train card could not be refreshed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    return log
+
+
+def train_progress(card, epochs: int):
+    """A ``fit(on_epoch=...)`` callback that redraws this train step's card after every epoch
+    (Metaflow's dynamic cards: the step's ``@card`` has a ``refresh_interval`` short enough that no
+    epoch's refresh is dropped)."""
+    def update(result) -> None:
+        try:
+            components = progress_components(result, epochs)
+            card.clear()
+            card.extend(components)
+            card.refresh(force=True)  # an epoch is worth showing even within the card's refresh interval
+        except Exception as e:  # noqa: BLE001 - a report must never cost the run
+            print(f"warning: the train card could not be refreshed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    return update
+
+
 # --- join -------------------------------------------------------------------------
 
 SCORE_COLUMNS = {"best_epoch", "val_accuracy", "val_loss", "train_seconds", "train_images_per_second", "device"}
@@ -433,7 +506,17 @@ def served_text(model_meta: dict | None) -> str:
     return f"\n\nServed: {what}{tta}, answering {rule}; validation accuracy {model_meta.val_accuracy:.3f}."
 
 
-def join_components(grid_results, grid_histories: dict, chosen: str, model_meta: dict | None = None) -> list:
+def failed_components(failed_points: list[dict]) -> list:
+    """The grid points that failed after their retries, with their errors (empty when none did)."""
+    if not failed_points:
+        return []
+    return [_md(f"## Failed grid points ({len(failed_points)})\n\nThese failed after their retries and were left "
+                "out of the choice; each task's log has the traceback."),
+            _table([[f["name"], f["error"]] for f in failed_points], ["grid point", "error"])]
+
+
+def join_components(grid_results, grid_histories: dict, chosen: str, model_meta: dict | None = None,
+                    failed_points: list[dict] = ()) -> list:
     varying = varying_hyperparameters(grid_results)
     shared = {c: grid_results[c].iloc[0] for c in grid_results.columns
               if c not in SCORE_COLUMNS | {"name"} and c not in varying}
@@ -445,26 +528,28 @@ def join_components(grid_results, grid_histories: dict, chosen: str, model_meta:
             _df_table(grid_table(grid_results, chosen)),
             _md("Shared by every point: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items())
                 if shared else "No hyperparameter is shared by every point."),
+            *failed_components(failed_points),
             hyperparameter_chart(grid_results, chosen),
             grid_curves(grid_histories, chosen)]
 
 
 @appends_safely
 def join_card(flow) -> list:
-    return join_components(flow.grid_results, flow.grid_histories, flow.chosen, flow.model_meta)
+    return join_components(flow.grid_results, flow.grid_histories, flow.chosen, flow.model_meta,
+                           getattr(flow, "failed_points", []))
 
 
 # The join step's second card, @card(type="bincount_sortable_table", id="grid"): the same table, which
 # can be re-sorted in the page by clicking a column header (Metaflow's Table cannot). The card type is
 # this repository's Metaflow extension, metaflow_extensions/bincount/plugins/cards/sortable_table.
 
-def grid_components(grid_results, chosen: str) -> list:
-    return [_df_table(grid_table(grid_results, chosen))]
+def grid_components(grid_results, chosen: str, failed_points: list[dict] = ()) -> list:
+    return [_df_table(grid_table(grid_results, chosen)), *failed_components(failed_points)]
 
 
 @appends_safely
 def grid_card(flow) -> list:
-    return grid_components(flow.grid_results, flow.chosen)
+    return grid_components(flow.grid_results, flow.chosen, getattr(flow, "failed_points", []))
 
 
 # --- evaluate ---------------------------------------------------------------------

@@ -1,13 +1,14 @@
-"""Where a run keeps its photo shards: in the run's own storage, next to its artifacts.
+"""Where a run keeps what is not an artifact: its photo shards and its training checkpoints.
 
-With ``--datastore s3`` that is under the datastore's S3 root, so a train task on
-Batch, Kubernetes or SageMaker reads the shards where they already are; with the
-local datastore it is a folder beside ``.metaflow``. Either way the folder is
-scoped to the run that fetched the photos, and later steps (and ``resume``, which
-clones the fetch step's artifacts) find it through the ``shards`` artifact rather
-than by recomputing it, so a resumed run reads the shards of the run it resumes.
+Both live in the run's own storage, next to its artifacts. With ``--datastore s3`` that is
+under the datastore's S3 root, so a train task on Batch, Kubernetes or SageMaker reads the
+shards where they already are and checkpoints where a retry on another machine finds them;
+with the local datastore it is a folder beside ``.metaflow``. Either way the folder is
+scoped to the run that wrote it. Later steps (and ``resume``, which clones the fetch step's
+artifacts) find the shards through the ``shards`` artifact rather than by recomputing this;
+a resumed train step looks for checkpoints in its own run first, then in the run it resumes.
 
-The shards sit beside the datastore's own tree rather than inside a run's folder,
+These folders sit beside the datastore's own tree rather than inside a run's folder,
 because Metaflow reads every folder of a run as a step.
 """
 
@@ -15,7 +16,10 @@ from __future__ import annotations
 
 import os
 
+from bincount.data.blobs import join
+
 SHARDS_DIR = "bincount-shards"
+CHECKPOINTS_DIR = "bincount-checkpoints"
 
 
 def datastore_root(flow) -> tuple[str, str]:
@@ -28,9 +32,26 @@ def datastore_root(flow) -> tuple[str, str]:
     return datastore.TYPE, datastore._storage_impl.datastore_root
 
 
-def shard_root(flow, flow_name: str, run_id: str) -> str:
-    """The folder or ``s3://`` prefix for the shards of run ``run_id``."""
+def run_root(flow, what: str, flow_name: str, run_id: str) -> str:
+    """The folder or ``s3://`` prefix for ``what`` (SHARDS_DIR, CHECKPOINTS_DIR) of run ``run_id``."""
     kind, root = datastore_root(flow)
     if kind == "local":
-        return os.path.join(os.path.dirname(os.path.abspath(root)), f".{SHARDS_DIR}", flow_name, run_id)
-    return f"{root.rstrip('/')}/{SHARDS_DIR}/{flow_name}/{run_id}"
+        return os.path.join(os.path.dirname(os.path.abspath(root)), f".{what}", flow_name, run_id)
+    return f"{root.rstrip('/')}/{what}/{flow_name}/{run_id}"
+
+
+def shard_root(flow, flow_name: str, run_id: str) -> str:
+    """The folder or ``s3://`` prefix for the shards of run ``run_id``."""
+    return run_root(flow, SHARDS_DIR, flow_name, run_id)
+
+
+def checkpoints_for(flow, current, grid_point: str):
+    """Where the grid point ``grid_point`` of the running task checkpoints, and, in a resumed run,
+    where the run it resumes left that grid point's last checkpoint."""
+    from bincount.model.checkpoint import Checkpoints
+
+    def folder(run_id: str) -> str:
+        return join(run_root(flow, CHECKPOINTS_DIR, current.flow_name, run_id), current.step_name, grid_point)
+
+    origin = current.origin_run_id
+    return Checkpoints(folder(current.run_id), resume_from=folder(origin) if origin else None)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from bincount.data.images import augment_batch, normalizer
 from bincount.data.shards import Photos
@@ -30,9 +31,13 @@ from bincount.model.distributed import all_gather, all_reduce_sum, broadcast_buf
 from bincount.model.grid import TrainConfig
 from bincount.model.predictor import Predictor, autocast, autocast_dtype, pick_device
 
-# Set to a grid point's name to make that branch fail after its first epoch:
-# how the test suite exercises `resume`. Never set in normal use.
+# How the test suite makes a branch fail or hang; never set in normal use. ``name`` fails the
+# grid point of that name after the first epoch each attempt trains (so it fails every attempt);
+# ``name:k`` fails it once, right after epoch k is checkpointed (a retry goes on from epoch k+1).
 FAIL_ENV = "BINCOUNT_FAIL_TRAIN"
+# ``name:k``: after epoch k is checkpointed, that grid point starts epoch k+1 and sleeps after its
+# first batch, mid-epoch (for a test to kill the run there).
+HANG_ENV = "BINCOUNT_HANG_TRAIN"
 LOCK_PATH = os.path.join(tempfile.gettempdir(), "bincount-train.lock")
 
 
@@ -55,6 +60,39 @@ def machine_lock(path: str = LOCK_PATH):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class TrainingTimeout(TimeoutError):
+    """A grid point took longer than its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float | None, what: str):
+    """Raise :class:`TrainingTimeout` in this thread once ``seconds`` have passed.
+
+    SIGALRM interrupts whatever the thread is doing, a read that hangs included, which a check
+    between epochs would not. Only in a POSIX process's main thread (where signals are delivered);
+    elsewhere, and without ``seconds``, there is no limit. Metaflow's own ``@timeout`` uses the
+    same signal and counts from the task's start, lock wait included, which is why the train step
+    uses this instead.
+    """
+    import signal
+    import threading
+
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TrainingTimeout(f"{what} took longer than its limit of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -207,9 +245,11 @@ def epoch_steps(shard_sizes: list[int], batch_size: int) -> int:
 
 def train_one_epoch(model, optimizer, scheduler, data, *, cfg: TrainConfig, device, dtype,
                     generator, progress: bool, epoch: int, criterion, timings: dict | None = None,
-                    batch_size: int | None = None, steps: int | None = None, augment_generator=None):
+                    batch_size: int | None = None, steps: int | None = None, augment_generator=None,
+                    after_batch: Callable[[], None] | None = None):
     """One pass over the split ``data`` (or its first ``steps`` batches of ``batch_size``; default
-    ``cfg.batch_size``); mean loss and accuracy. ``timings`` (if given) gets the seconds spent
+    ``cfg.batch_size``); mean loss and accuracy; ``after_batch`` is called after each optimizer
+    step. ``timings`` (if given) gets the seconds spent
     waiting for and preparing batches (loading, augmentation, normalisation, copy to the
     device) and computing (forward, backward, optimizer step).
 
@@ -255,7 +295,9 @@ def train_one_epoch(model, optimizer, scheduler, data, *, cfg: TrainConfig, devi
         data_seconds += t1 - t0
         compute_seconds += t2 - t1  # .item() above waited for the device
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
-        t0 = t2
+        if after_batch is not None:
+            after_batch()
+        t0 = time.perf_counter()
     if timings is not None:
         timings.update(data_seconds=data_seconds, compute_seconds=compute_seconds)
     return loss_sum / seen, correct / seen
@@ -297,8 +339,49 @@ def train_model(cfg: TrainConfig, train_x, train_y, val_x, val_y, *, num_classes
                device=device, progress=progress)
 
 
+def _test_hook(variable: str, name: str, epoch: int, first: int) -> bool:
+    """Whether the test hook in ``variable`` (see FAIL_ENV, HANG_ENV) fires after ``epoch``."""
+    value = os.environ.get(variable, "")
+    point, _, at = value.partition(":")
+    if point != name:
+        return False
+    return epoch == int(at) if at else epoch == first
+
+
+def _hang_mid_epoch(name: str, epoch: int) -> Callable[[], None]:
+    """HANG_ENV's hang: an ``after_batch`` that sleeps for an hour."""
+    def hang() -> None:
+        print(f"{HANG_ENV}: {name} hangs in epoch {epoch}, after its first batch", flush=True)
+        time.sleep(3600)
+
+    return hang
+
+
+def _rng_state(generator, augment_generator) -> dict:
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if augment_generator is not None:
+        state["augment_generator"] = augment_generator.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator, augment_generator) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if augment_generator is not None and "augment_generator" in state:
+        augment_generator.set_state(state["augment_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device: str | None = None,
-        progress: bool = True, val_order: list | None = None) -> TrainResult:
+        progress: bool = True, val_order: list | None = None, checkpoints=None,
+        on_epoch: Callable[[TrainResult], None] | None = None) -> TrainResult:
     """Train one grid point; return the best epoch's weights and every epoch's curves.
 
     ``train`` and ``val`` are splits (:class:`CachedSplit` or :class:`StreamedSplit`). In a
@@ -309,8 +392,15 @@ def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device
     epoch and weights over all ranks' photos, and the validation softmax of the whole
     validation set in the order of ``val_order`` (the validation photos' ids; default: the
     order of ``val``).
+
+    ``checkpoints`` (:class:`bincount.model.checkpoint.Checkpoints`): the state is saved there
+    after every epoch, and where a state is found there when training starts, it continues
+    after that state's epoch. ``on_epoch(result)`` is called after each epoch with the result
+    so far (curves, best epoch), for live reports.
     """
     import torch
+
+    from bincount.model.checkpoint import check_compatible
 
     rank, world_size = world()
     torch.manual_seed(seed)
@@ -348,14 +438,32 @@ def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device
             model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
 
     result = TrainResult(config=cfg.as_dict(), state_dict=b"", device=device)
-    started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    first = 1
+    state = checkpoints.load() if checkpoints is not None else None
+    if state is not None:
+        check_compatible(state, cfg.as_dict(), num_classes, world_size)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        # every rank saved its own generators' state; each takes back its own
+        _set_rng_state(state["rng"][rank], generator, augment_generator)
+        result.history = list(state["history"])
+        result.best_epoch, result.val_accuracy, result.val_loss, result.state_dict = (
+            state["best_epoch"], state["val_accuracy"], state["val_loss"], state["best_state_dict"])
+        first = state["epoch"] + 1
+        if rank == 0:
+            print(f"{cfg.name}: continuing from the checkpoint after epoch {state['epoch']} of {cfg.epochs} "
+                  f"({state['source']})", flush=True)
+    started = time.perf_counter() - sum(row["epoch_seconds"] for row in result.history)
+    for epoch in range(first, cfg.epochs + 1):
         t0, cpu0, timings = time.perf_counter(), time.process_time(), {}
         train_loss, train_acc = train_one_epoch(
             net, optimizer, scheduler, train, cfg=cfg,
             device=device, dtype=dtype, generator=generator, progress=progress and rank == 0, epoch=epoch,
             criterion=criterion, timings=timings, batch_size=batch_size, steps=steps_per_epoch,
-            augment_generator=augment_generator)
+            augment_generator=augment_generator,
+            after_batch=_hang_mid_epoch(cfg.name, epoch) if _test_hook(HANG_ENV, cfg.name, epoch - 1, first - 1)
+            else None)
         train_time = time.perf_counter() - t0
         if world_size > 1:
             broadcast_buffers(model)
@@ -375,12 +483,17 @@ def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device
         result.history.append(row)
         if rank == 0:
             print(f"{cfg.name} epoch {epoch}/{cfg.epochs}: train loss {train_loss:.3f} acc {train_acc:.3f} | "
-                  f"val loss {val_loss:.3f} acc {val_acc:.3f} | {row['train_images_per_second']:.1f} img/s")
+                  f"val loss {val_loss:.3f} acc {val_acc:.3f} | {row['train_images_per_second']:.1f} img/s", flush=True)
         if (val_acc, -val_loss) > (result.val_accuracy, -result.val_loss) or not result.state_dict:
             result.best_epoch, result.val_accuracy, result.val_loss = epoch, val_acc, val_loss
             result.state_dict = state_dict_bytes(model)
-        if os.environ.get(FAIL_ENV) == cfg.name:
-            raise RuntimeError(f"{FAIL_ENV}={cfg.name}: failing on purpose after epoch {epoch}")
+        if checkpoints is not None:
+            save_checkpoint(checkpoints, epoch, model, optimizer, scheduler, result, num_classes,
+                            _rng_state(generator, augment_generator), rank=rank, world_size=world_size)
+        if on_epoch is not None and rank == 0:
+            on_epoch(result)
+        if _test_hook(FAIL_ENV, cfg.name, epoch, first):
+            raise RuntimeError(f"{FAIL_ENV}={os.environ[FAIL_ENV]}: failing on purpose after epoch {epoch}")
     result.train_seconds = time.perf_counter() - started
     result.images_per_second = cfg.epochs * images_per_epoch / result.train_seconds
     model.load_state_dict(torch.load(io.BytesIO(result.state_dict), weights_only=True))
@@ -394,6 +507,20 @@ def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device
     result.val_probabilities = [plain[position[i]] for i in order]
     result.val_probabilities_tta = [tta[position[i]] for i in order]
     return result
+
+
+def save_checkpoint(checkpoints, epoch: int, model, optimizer, scheduler, result: TrainResult, num_classes: int,
+                    rng: dict, *, rank: int, world_size: int) -> None:
+    """Everything the epochs after ``epoch`` depend on, to ``checkpoints``; rank 0 writes it, with
+    every rank's generators (each rank shuffles and augments with its own)."""
+    rngs = [rng] if world_size == 1 else all_gather(rng)
+    if rank != 0:
+        return
+    checkpoints.save({
+        "epoch": epoch, "config": result.config, "num_classes": num_classes,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": rngs, "history": result.history, "best_epoch": result.best_epoch,
+        "val_accuracy": result.val_accuracy, "val_loss": result.val_loss, "best_state_dict": result.state_dict})
 
 
 def split_probabilities(model, split, *, cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
@@ -438,7 +565,8 @@ def rank_share(photos, ids: list[str], rank: int, world_size: int) -> list[str]:
 
 def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                    seed: int = 0, progress: bool = True, cache_bytes: int | None = None,
-                   workers: int | None = None) -> TrainResult:
+                   workers: int | None = None, checkpoints=None, timeout_s: float | None = None,
+                   on_epoch: Callable[[TrainResult], None] | None = None) -> TrainResult:
     """Train one grid point on the train and validation rows of ``split_table``.
 
     ``photos`` maps id to encoded photo: a run's shards (``bincount.data.shards.Photos``) or a
@@ -451,6 +579,10 @@ def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, c
     of each split (:func:`rank_share`); every rank returns the same result. The entry point
     then lets rank 0 write what is written once, and calls
     ``bincount.model.distributed.cleanup()``.
+
+    ``checkpoints`` and ``on_epoch``: see :func:`fit`. ``timeout_s``: decoding and training
+    together may take this long (from when this machine's training lock is taken), then they
+    stop with :class:`TrainingTimeout`, which a retry continues from the last checkpoint.
     """
     import torch
 
@@ -481,7 +613,9 @@ def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, c
 
     # Decoding waits for the lock too: on one machine it would only take cores from the
     # branch that trains, and a branch waiting with its photos decoded holds their memory.
-    with nullcontext() if distributed else machine_lock():
+    # The time limit starts once the lock is held: waiting for other grid points to finish
+    # their turn on this machine is not this one's training taking too long.
+    with nullcontext() if distributed else machine_lock(), time_limit(timeout_s, f"training {cfg.name}"):
         train, val = load("train"), load("val")
         return fit(cfg, train, val, num_classes=len(classes), seed=seed, device=device, progress=progress,
-                   val_order=list(rows["val"]["id"]))
+                   val_order=list(rows["val"]["id"]), checkpoints=checkpoints, on_epoch=on_epoch)

@@ -55,8 +55,8 @@ from bincount.aws.errors import AwsError, aws_call
 from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
-from bincount.sagemaker.training_job import (CHANNEL, SHARDS_CHANNEL, TrainingJobError, encode_hyperparameters,
-                                             load_result, write_channel)
+from bincount.sagemaker.training_job import (CHANNEL, CHECKPOINT_DIR_ENV, CHECKPOINT_LOCAL_PATH, SHARDS_CHANNEL,
+                                             TrainingJobError, encode_hyperparameters, load_result, write_channel)
 from bincount.serving.package import extract_archive
 from bincount.validation import STRICT, build
 
@@ -247,6 +247,7 @@ class LaunchedJob:
     name: str
     channel_uri: str
     shards_uri: str | None  # the run's own shard prefix, where the job read it in place; None: in channel_uri
+    checkpoint_uri: str  # where the job checkpoints each epoch (SageMaker's checkpoint_s3_uri)
     output_path: str
     settings: SageMakerTrainingSettings
 
@@ -266,10 +267,11 @@ class TrainingJobOutcome:
 
 
 def make_trainer(settings: SageMakerTrainingSettings, session, *, base: str, branch: str, source_dir: Path,
-                 hyperparameters: dict[str, str]):
+                 hyperparameters: dict[str, str], checkpoint_uri: str):
     """The ModelTrainer for one branch (nothing is sent until ``train``)."""
     from sagemaker.core.helper.session_helper import Session
-    from sagemaker.core.training.configs import Compute, OutputDataConfig, SourceCode, StoppingCondition
+    from sagemaker.core.training.configs import (CheckpointConfig, Compute, OutputDataConfig, SourceCode,
+                                                 StoppingCondition)
     from sagemaker.train import ModelTrainer
     from sagemaker.train.distributed import Torchrun
 
@@ -293,14 +295,43 @@ def make_trainer(settings: SageMakerTrainingSettings, session, *, base: str, bra
         output_data_config=OutputDataConfig(s3_output_path=f"s3://{settings.bucket}/{branch}",
                                             compression_type="GZIP"),
         hyperparameters=hyperparameters,
-        environment={"PYTHONUNBUFFERED": "1"},  # log lines reach CloudWatch as they are printed
+        # SageMaker copies checkpoint_uri into local_path when a job (re)starts, and what is
+        # written there back to S3: a job restarted after a spot interruption goes on from its
+        # last epoch. The entry point learns the folder from the environment.
+        checkpoint_config=CheckpointConfig(s3_uri=checkpoint_uri, local_path=CHECKPOINT_LOCAL_PATH),
+        environment={"PYTHONUNBUFFERED": "1",  # log lines reach CloudWatch as they are printed
+                     CHECKPOINT_DIR_ENV: CHECKPOINT_LOCAL_PATH},
     )
+
+
+def job_checkpoints(checkpoints, settings: SageMakerTrainingSettings, branch: str,
+                    log: Callable[[str], None] = print) -> str:
+    """The S3 folder the job checkpoints to: the flow's own checkpoint folder where that is on S3
+    (the S3 datastore), else one beside the branch's channel. Both stay the same when the train
+    step is retried, so a retried job goes on from the last epoch; where the flow's checkpoints
+    hold a state the job's folder lacks (a ``resume``, or a retry that trained locally), it is
+    copied there first, so that the job starts from it."""
+    from bincount.data.blobs import is_s3, join, read_blob, write_blob
+    from bincount.model.checkpoint import CHECKPOINT_FILE
+
+    uri = checkpoints.folder if checkpoints is not None and is_s3(checkpoints.folder) else \
+        f"s3://{settings.bucket}/{branch}/checkpoints"
+    if checkpoints is not None and read_blob(join(uri, CHECKPOINT_FILE)) is None:
+        for folder in (checkpoints.folder, checkpoints.resume_from):
+            raw = read_blob(join(folder, CHECKPOINT_FILE)) if folder and folder != uri else None
+            if raw is not None:
+                write_blob(join(uri, CHECKPOINT_FILE), raw)
+                log(f"the job starts from the checkpoint in {folder}")
+                break
+    return uri
 
 
 def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                         seed: int, settings: SageMakerTrainingSettings, job_prefix: str, session=None,
-                        cache_bytes: int | None = None, log: Callable[[str], None] = print) -> LaunchedJob:
-    """Upload the branch's channel and start its training job; return at once."""
+                        cache_bytes: int | None = None, checkpoints=None,
+                        log: Callable[[str], None] = print) -> LaunchedJob:
+    """Upload the branch's channel and start its training job; return at once. ``checkpoints``
+    (bincount.model.checkpoint.Checkpoints): the flow's for this grid point (see job_checkpoints)."""
     from sagemaker.core.training.configs import InputData
 
     session = session or aws_session(settings.region)
@@ -308,6 +339,7 @@ def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_tab
     base = job_base_name(job_prefix)
     branch = f"{settings.s3_prefix}/{base}" if settings.s3_prefix else base
     shards_uri = shards_in_s3(photos)
+    checkpoint_uri = job_checkpoints(checkpoints, settings, branch, log)
     with tempfile.TemporaryDirectory(prefix="bincount-sagemaker-") as tmp:
         channel = write_channel(photos, split_table, Path(tmp) / "channel", copy_shards=shards_uri is None)
         count = sum(1 for p in channel.rglob("*") if p.is_file())
@@ -321,7 +353,8 @@ def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_tab
                                source_dir=build_source_dir(Path(tmp) / "code",
                                                            install_requirements=settings.install_requirements),
                                hyperparameters=encode_hyperparameters(cfg, seed=seed, classes=classes,
-                                                               cache_bytes=cache_bytes))
+                                                                      cache_bytes=cache_bytes),
+                               checkpoint_uri=checkpoint_uri)
         # wait=False: the launcher waits itself, with a limit (the SDK's wait has none)
         _aws_call(f"creating the training job for {cfg.name}", trainer.train,
                   input_data_config=inputs, wait=False, logs=False)
@@ -331,7 +364,7 @@ def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_tab
     log(f"started SageMaker training job {job.training_job_name} ({settings.instance_count} x "
         f"{settings.instance_type}{', spot' if settings.use_spot else ''}, image {settings.image_uri})")
     return LaunchedJob(name=job.training_job_name, channel_uri=channel_uri, shards_uri=shards_uri,
-                       output_path=f"s3://{settings.bucket}/{branch}", settings=settings)
+                       checkpoint_uri=checkpoint_uri, output_path=f"s3://{settings.bucket}/{branch}", settings=settings)
 
 
 class LogTail:
@@ -491,18 +524,20 @@ def finish_training_job(launched: LaunchedJob, *, session=None, poll_s: float = 
 
 def run_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                      seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str, poll_s: float = 30,
-                     cache_bytes: int | None = None, log: Callable[[str], None] = print) -> TrainingJobOutcome:
+                     cache_bytes: int | None = None, checkpoints=None,
+                     log: Callable[[str], None] = print) -> TrainingJobOutcome:
     """Train one grid point as a SageMaker training job; the result and where the job left things."""
     settings = settings_from_config(settings)
     session = aws_session(settings.region)
     launched = launch_training_job(cfg, photos, split_table, classes, seed=seed, settings=settings,
-                                   job_prefix=job_prefix, session=session, cache_bytes=cache_bytes, log=log)
+                                   job_prefix=job_prefix, session=session, cache_bytes=cache_bytes,
+                                   checkpoints=checkpoints, log=log)
     return finish_training_job(launched, session=session, poll_s=poll_s, log=log)
 
 
 def train_on_sagemaker(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                        seed: int, settings: Mapping | SageMakerTrainingSettings, job_prefix: str,
-                       poll_s: float = 30, cache_bytes: int | None = None,
+                       poll_s: float = 30, cache_bytes: int | None = None, checkpoints=None,
                        log: Callable[[str], None] = print) -> TrainResult:
     """What ``bincount.model.train.train_on_split`` returns, trained by a SageMaker training job.
 
@@ -510,4 +545,5 @@ def train_on_sagemaker(cfg: TrainConfig, photos: Mapping[str, bytes], split_tabl
     ``f"bincount-{run_id}-{cfg.name}"``.
     """
     return run_training_job(cfg, photos, split_table, classes, seed=seed, settings=settings,
-                            job_prefix=job_prefix, poll_s=poll_s, cache_bytes=cache_bytes, log=log).result
+                            job_prefix=job_prefix, poll_s=poll_s, cache_bytes=cache_bytes, checkpoints=checkpoints,
+                            log=log).result

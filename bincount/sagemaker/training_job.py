@@ -26,7 +26,10 @@ It reads
 - ``SM_OUTPUT_DATA_DIR`` (optional): the curves as ``history.csv``, for people
   looking at the job (SageMaker's ``output.tar.gz``);
 - ``SM_OUTPUT_FAILURE`` (optional): where an error's message goes, which
-  SageMaker reports as the job's FailureReason.
+  SageMaker reports as the job's FailureReason;
+- ``BINCOUNT_CHECKPOINT_DIR`` (optional, ``/opt/ml/checkpoints`` in a job): the
+  training state is saved there after every epoch, and a job that finds one there
+  (SageMaker restores the folder when it restarts a job) goes on after its epoch.
 
 Run by hand::
 
@@ -56,6 +59,10 @@ CHANNEL = "train"  # the job's split file (and its shards, unless they have a ch
 CHANNEL_ENV = f"SM_CHANNEL_{CHANNEL.upper()}"
 SHARDS_CHANNEL = "shards"  # the run's own shards, where they already sit in S3
 SHARDS_CHANNEL_ENV = f"SM_CHANNEL_{SHARDS_CHANNEL.upper()}"
+# The job's checkpoint folder: SageMaker syncs it with the job's checkpoint_s3_uri (restored when
+# a job restarts). The launcher sets the variable; SageMaker itself sets none for it.
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+CHECKPOINT_DIR_ENV = "BINCOUNT_CHECKPOINT_DIR"
 CHANNEL_SPLITS = ("train", "val")  # what leaves the flow; never "test"
 SPLIT_FILE = "split.csv"
 SPLIT_COLUMNS = ["id", "label", "split", "shard", "checksum"]
@@ -410,8 +417,14 @@ def run(argv: Sequence[str], environ: Mapping[str, str]) -> TrainResult | None:
     from bincount.model.distributed import cleanup, world
     from bincount.model.train import train_on_split
 
+    checkpoints = None
+    if environ.get(CHECKPOINT_DIR_ENV):  # a job restarted (spot) goes on from its last epoch
+        from bincount.model.checkpoint import Checkpoints
+
+        checkpoints = Checkpoints(environ[CHECKPOINT_DIR_ENV])
     try:
-        result = train_on_split(cfg, images, split_table, classes, seed=seed, cache_bytes=cache_bytes)
+        result = train_on_split(cfg, images, split_table, classes, seed=seed, cache_bytes=cache_bytes,
+                                checkpoints=checkpoints)
         if world()[0] != 0:  # under torchrun every rank has the result; one writes it
             return None
     finally:
