@@ -271,14 +271,14 @@ def threshold_for_run(run, predictor, *, target_precision: float = DEFAULT_TARGE
                                       prevalence=prevalence, run=run.pathspec)
 
 
-def choose_model_run(run_id: str | None = None, *, target: str = "local"):
-    """``run_id``'s run, else the champion for ``target``, else the latest successful run."""
-    from bincount.flow.champion import current_champion
-    from bincount.flow.runs import get_run
+def choose_model_run(run_id: str | None = None, *, champion: str | None = None, branch=None):
+    """The model run: ``run_id``'s; else the run tagged ``champion:<champion>`` on ``branch`` (a
+    ``bincount.flow.runs.ProjectBranch``; default the caller's own); else the latest successful
+    run on ``branch``, or without one, of the caller's own namespace. The caller's Metaflow
+    namespace is left as it was. ``bincount.flow.run_choice.choose_run`` also says why."""
+    from bincount.flow.run_choice import choose_run
 
-    if run_id:
-        return get_run(run_id)
-    return current_champion(target) or get_run(None)
+    return choose_run(run_id, champion=champion, branch=branch).run
 
 
 # --- scoring bins ------------------------------------------------------------

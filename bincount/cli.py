@@ -12,18 +12,48 @@ from bincount import __version__
 
 
 def _cmd_serve(args) -> int:
-    from bincount.flow.runs import get_run, model_of
+    from bincount.flow.runs import model_of
     from bincount.serving.handler import model_fn
     from bincount.serving.package import build_package, extract_package
     from bincount.serving.server import serve_with_arguments
 
-    run = get_run(args.run)
+    run = _chosen_run(args, sys.stdout)
     # The package is loaded as the endpoint loads it, then its folder goes: however the server
     # ends later (uvicorn re-raises SIGTERM, so no finally would run), nothing is left behind.
     with tempfile.TemporaryDirectory(prefix="bincount-serve-") as tmp:
         predictor = model_fn(str(extract_package(build_package(*model_of(run)), tmp)))
     serve_with_arguments(predictor, args, args.parser)
     return 0
+
+
+def _chosen_run(args, say):
+    """The run ``--run``, ``--champion``, ``--branch``/``--production`` or the default pick
+    (bincount.flow.run_choice.choose_run); one line to ``say`` tells which run and why."""
+    from bincount.flow.run_choice import choose_run
+    from bincount.flow.runs import ProjectBranch
+
+    branch = (ProjectBranch.from_options(production=args.production, branch=args.branch)
+              if args.production or args.branch else None)
+    choice = choose_run(args.run, champion=args.champion, branch=branch)
+    print(f"bincount: {choice.line()}", file=say, flush=True)
+    return choice.run
+
+
+def _add_run_choice(parser: argparse.ArgumentParser, *, what: str = "run") -> None:
+    """--run, --champion, --branch and --production: which run a command reads."""
+    group = parser.add_argument_group(
+        f"which {what}",
+        "Default: the latest successful run in your own Metaflow namespace (user:<name>). The branch options "
+        "name @project branches as the flow's own --branch/--production do.")
+    one = group.add_mutually_exclusive_group()
+    one.add_argument("--run", metavar="ID", help="this run id, whoever made it")
+    one.add_argument("--champion", metavar="TARGET",
+                     help="the run tagged champion:TARGET (e.g. local, sagemaker) on a project branch: your own "
+                          "(user.<name>) unless --production or --branch says another")
+    group.add_argument("--production", action="store_true",
+                       help="the production branch (prod; prod.<name> with --branch): its champion, or its "
+                            "latest successful run")
+    group.add_argument("--branch", metavar="NAME", help="the test branch test.<NAME> (prod.<NAME> with --production)")
 
 
 def _print_predictions(paths, predictions) -> None:
@@ -48,9 +78,9 @@ def _cmd_predict(args) -> int:
 
         predictions = [invoke(args.endpoint.rstrip("/"), raw)["predictions"][0] for raw in raws.values()]
     else:
-        from bincount.flow.runs import get_run, predictor_of
+        from bincount.flow.runs import predictor_of
 
-        predictions = predictor_of(get_run(args.run)).predict_bytes(list(raws.values()))
+        predictions = predictor_of(_chosen_run(args, sys.stderr)).predict_bytes(list(raws.values()))
     if args.json:
         print(json.dumps(dict(zip(raws, predictions)), indent=2))
     else:
@@ -64,10 +94,10 @@ def _cmd_evaluate(args) -> int:
     from bincount.data.fetch import fetch_subset, read_file_list
     from bincount.data.shards import Photos, ShardSink
     from bincount.data.sources import open_source
-    from bincount.flow.runs import get_run, predictor_of
+    from bincount.flow.runs import predictor_of
     from bincount.model.metrics import count_metrics
 
-    run = get_run(args.run)
+    run = _chosen_run(args, sys.stderr)  # stdout is the JSON
     predictor = predictor_of(run)
     classes = predictor.classes
     source = open_source(args.source, classes=classes)
@@ -97,7 +127,7 @@ def _audit(args) -> int:
     from bincount.flow.runs import predictor_of
 
     ids = audit.read_ids(args.ids) if args.ids else None
-    run = audit.choose_model_run(args.run)
+    run = _chosen_run(args, sys.stdout)
     predictor = predictor_of(run)
     source = open_source(args.source, classes=predictor.classes)
     source.check()  # an unusable source fails before the validation split is scored
@@ -137,19 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a run's model on SageMaker's protocol (GET /ping, POST /invocations)")
-    serve.add_argument("--run", help="run id (default: the latest successful run)")
+    _add_run_choice(serve)
     add_server_arguments(serve)
     serve.set_defaults(func=_cmd_serve, parser=serve)
 
     predict = sub.add_parser("predict", help="print counts with probabilities for image files")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--run", help="run id (default: the latest successful run)")
-    predict.add_argument("--endpoint", help="ask a running endpoint (e.g. http://127.0.0.1:8080) instead")
+    predict.add_argument("--endpoint", help="ask a running endpoint (e.g. http://127.0.0.1:8080) instead of a run")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_run_choice(predict)
     predict.set_defaults(func=_cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="score a run's model on labelled data in the bucket layout; print JSON")
-    evaluate.add_argument("--run", help="run id (default: the latest successful run)")
+    _add_run_choice(evaluate)
     evaluate.add_argument("--source", required=True,
                           help="s3://bucket[/prefix], a local folder in the bucket layout, or 'synthetic'")
     evaluate.add_argument("--file-list", help="only these bins (Udacity file_list.json format)")
@@ -172,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--source", required=True,
                        help="s3://bucket[/prefix], a local folder in the bucket layout, or 'synthetic'")
     audit.add_argument("--ids", help="only these bins: a Udacity file_list.json, or a text file with one id a line")
-    audit.add_argument("--run", help="model run id (default: the run tagged champion:local, "
-                                     "else the latest successful run)")
+    _add_run_choice(audit, what="model run")
     audit.add_argument("--target-precision", type=float, default=0.9,
                        help="precision the threshold must reach on the validation split (default: %(default)s)")
     audit.add_argument("--out", default="audit-report", help="folder for the report (default: %(default)s)")

@@ -2,9 +2,10 @@
 
     start -> list_ids -> score (foreach shard) -> join -> end
 
-start picks the model (--run, else the run tagged champion:local, else the
-latest successful BinCountFlow run) and chooses the flag threshold on that
-run's validation split; list_ids lists the bins of --source (or reads --ids);
+start picks the model (--run ID; else --champion TARGET, the BinCountFlow run
+tagged champion:TARGET on this audit run's own project branch; else the latest
+successful BinCountFlow run on that branch) and chooses the flag threshold on
+that run's validation split; list_ids lists the bins of --source (or reads --ids);
 each score task fetches and scores one shard with the same data path
 (open_source, fetch_subset) and handler (bincount.serving.handler) as everything
 else; join writes one report (audit.csv, audit.html, summary.json) to --out
@@ -12,6 +13,11 @@ and keeps it as artifacts. The logic is in bincount/audit.py.
 
     python flows/audit_flow.py run --source ../shared/abid-sample --out audit-report
     python flows/audit_flow.py run --source s3://aft-vbi-pds --ids ids.txt --shard-size 1000
+    python flows/audit_flow.py --production run --source s3://aft-vbi-pds --champion sagemaker
+
+Both flows are one @project ("bincount"): an audit run on a branch (your own
+user.<name>, --branch NAME, --production) reads that branch's models, so a
+production audit uses the production champion.
 
 One bad bin is a row with its reason, never a failed task. When a task does
 fail (the source down as a whole, a machine lost), `resume` keeps what was
@@ -25,17 +31,21 @@ and runs only the failed shards and the steps after. (The CLI's
 
 import os
 
-from metaflow import FlowSpec, Parameter, step
+from metaflow import FlowSpec, Parameter, current, project, step
 
 
+@project(name="bincount")
 class AuditFlow(FlowSpec):
     source = Parameter("source", required=True,
                        help="s3://bucket[/prefix], a local folder in the bucket layout, or 'synthetic'.")
     ids = Parameter("ids", default="",
                     help="Only these bins: a Udacity file_list.json or a text file with one id a line.")
     model_run_id = Parameter("run", default="",
-                             help="BinCountFlow run id of the model (default: the run tagged champion:local, "
-                                  "else the latest successful run).")
+                             help="BinCountFlow run id of the model, whoever made it (default: the latest "
+                                  "successful BinCountFlow run on this run's project branch).")
+    champion = Parameter("champion", default="",
+                         help="Use the BinCountFlow run tagged champion:TARGET (e.g. local) on this run's "
+                              "project branch (--production: the production champion).")
     target_precision = Parameter("target-precision", default=0.9, type=float,
                                  help="Precision the threshold must reach on the validation split.")
     shard_size = Parameter("shard-size", default=500, type=int, help="Bins per scoring task.")
@@ -45,14 +55,21 @@ class AuditFlow(FlowSpec):
     @step
     def start(self):
         """Choose the model run and the threshold (on that run's validation split)."""
-        from bincount.audit import choose_model_run, threshold_for_run
-        from bincount.flow.runs import model_of
+        from bincount.audit import threshold_for_run
+        from bincount.flow.run_choice import choose_run
+        from bincount.flow.runs import ProjectBranch, model_of
         from bincount.model.predictor import load_predictor
 
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
-        run = choose_model_run(self.model_run_id or None)
+        # This run's own project branch scopes the lookup: a production audit never picks up a
+        # model from someone's test branch.
+        branch = None if self.model_run_id else ProjectBranch(current.branch_name, current.project_name)
+        choice = choose_run(self.model_run_id or None, champion=self.champion or None, branch=branch)
+        print(choice.line())
+        run = choice.run
         self.model_run = run.pathspec
+        self.model_choice = choice.why
         self.model_state, meta = model_of(run)  # kept here: the shards need no other run
         self.model_meta = meta.to_dict()
         predictor = load_predictor(self.model_state, meta)

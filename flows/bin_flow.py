@@ -18,7 +18,7 @@ re-imports this file.
 
 import os
 
-from metaflow import Config, FlowSpec, Parameter, card, current, step
+from metaflow import Config, FlowSpec, Parameter, card, current, project, step
 
 from bincount.flow import cards
 from bincount.flow.compute import compute_from_config
@@ -44,6 +44,7 @@ def fetch_plan(flow) -> list[dict]:
     return chunks(order, flow.fetch_tasks)
 
 
+@project(name="bincount")  # champions are per project branch (bincount/flow/champion.py)
 @compute_from_config("compute")
 class BinCountFlow(FlowSpec):
     source = Parameter(
@@ -75,6 +76,9 @@ class BinCountFlow(FlowSpec):
                               help="local: package the model and check it behind a local endpoint; "
                                    "sagemaker: create or update a SageMaker endpoint (settings from "
                                    "--config deploy PATH); none: skip deployment.")
+    require_all_points = Parameter("require-all-points", default=False, type=bool, is_flag=True,
+                                   help="Fail the run when any grid point fails after its retries (by default the "
+                                        "join goes on with the points that trained and names the failed ones).")
     force_deploy = Parameter("force-deploy", default=False, type=bool, is_flag=True,
                              help="Deploy even if the model is less accurate than the target's current "
                                   "champion (the run tagged champion:<target>).")
@@ -163,35 +167,54 @@ class BinCountFlow(FlowSpec):
         cards.split_card(current.card, self)
         self.next(self.train, foreach="grid_points")
 
-    @card(type="blank", id="report")
+    # @retry and the time limit come from the compute config (bincount.flow.compute); each retry goes on
+    # from the point's last checkpoint. Once the retries are spent the failure is kept and the join goes
+    # on without this point, unless --require-all-points (bincount.flow.failures).
+    # refresh_interval is Metaflow's floor between refreshes, and a refresh inside it is dropped even when
+    # forced: 1 s lets every epoch through; the SageMaker log view throttles itself (bincount.flow.cards).
+    @card(type="blank", id="report", refresh_interval=1)
     @step
     def train(self):
-        """Train one grid point; keep its curves, scores and best weights."""
-        from bincount.flow.compute import train_branch
+        """Train one grid point, checkpointing every epoch; keep its curves, scores and best weights."""
+        from bincount.flow.compute import ComputeConfig, train_branch
+        from bincount.flow.failures import kept_after_retries
         from bincount.flow.runs import photos_in
+        from bincount.flow.storage import checkpoints_for
         from bincount.model.grid import TrainConfig
 
-        result = train_branch(self.compute.to_dict(), TrainConfig(**self.input), photos_in(self),
-                              self.split_table, self.class_list, seed=self.seed,
-                              cache_bytes=int(self.cache_mb * 2**20),
-                              job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}")
-        for name, value in result.to_artifacts().items():  # scores, history, state_dict
-            setattr(self, name, value)
-        cards.train_card(current.card, self)
+        cfg, compute = TrainConfig(**self.input), ComputeConfig.from_dict(self.compute.to_dict())
+        with kept_after_retries(self, attempt=current.retry_count, retries=compute.retries,
+                                require_all=self.require_all_points):
+            result = train_branch(compute, cfg, photos_in(self), self.split_table, self.class_list,
+                                  seed=self.seed, cache_bytes=int(self.cache_mb * 2**20),
+                                  job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}",
+                                  checkpoints=checkpoints_for(self, current, cfg.name),
+                                  on_epoch=cards.train_progress(current.card, cfg.epochs),
+                                  log=cards.job_progress(current.card, cfg.name))
+            for name, value in result.to_artifacts().items():  # scores, history, state_dict
+                setattr(self, name, value)
+            current.card.clear()  # the report replaces the progress shown while training
+            cards.train_card(current.card, self)
         self.next(self.join)
 
     @card(type="blank", id="report")
     @card(type="bincount_sortable_table", id="grid", options={"title": "Grid points, ranked best first"})
     @step
     def join(self, inputs):
-        """Keep the best grid point by validation accuracy (or the best few, averaged), and a table of all."""
+        """Keep the best grid point by validation accuracy (or the best few, averaged), and a table of all;
+        name the points that failed after their retries."""
+        from bincount.flow.failures import FAILURE_VAR, check_outcomes, sort_outcomes
         from bincount.model.grid import select_config
         from bincount.model.selection import choose_model, results_table
         from bincount.model.train import TrainResult
 
-        results = [TrainResult.from_artifacts(inp) for inp in inputs]
+        results, failed = sort_outcomes(inputs)
+        for point in failed:
+            print(f"grid point {point.name} failed after its retries: {point.error}")
+        check_outcomes(results, failed, require_all=self.require_all_points)
         # Everything from before the foreach is the same in every branch; carry it on.
-        self.merge_artifacts(inputs, exclude=list(TrainResult.ARTIFACTS))
+        self.merge_artifacts(inputs, exclude=[*TrainResult.ARTIFACTS, FAILURE_VAR])
+        self.failed_points = [point.to_dict() for point in failed]
         self.grid_results = results_table(results)
         self.grid_histories = {r.config["name"]: r.history for r in results}
         val = self.split_table[self.split_table["split"] == "val"]

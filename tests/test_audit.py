@@ -7,7 +7,6 @@ import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -428,14 +427,13 @@ def test_cli_audit_exits_0_when_nothing_is_flagged_and_2_on_error(synthetic_run,
 
 
 @pytest.mark.flow
-def test_the_default_model_is_the_champion_else_the_latest_run(synthetic_run, monkeypatch):
-    import bincount.flow.champion
-    from bincount.flow.runs import get_run
+def test_the_model_run_is_the_given_one_else_my_branchs_champion_else_my_latest(synthetic_run):
+    from bincount.flow.champion import current_champion
+    from bincount.flow.runs import ProjectBranch, get_run
 
     assert audit.choose_model_run(synthetic_run.id).pathspec == synthetic_run.pathspec
-    champion = bincount.flow.champion.current_champion("local")
-    assert champion is not None and audit.choose_model_run().pathspec == champion.pathspec
-    monkeypatch.setattr(bincount.flow.champion, "current_champion", lambda target: None)
+    champion = current_champion("local", ProjectBranch.of_run(synthetic_run))
+    assert champion is not None and audit.choose_model_run(champion="local").pathspec == champion.pathspec
     assert audit.choose_model_run().pathspec == get_run().pathspec
 
 

@@ -62,6 +62,7 @@ def test_a_pathspec_for_run_is_one_line_error(capsys, tmp_path):
     ("compute", {"compute": "batch", "gpu": -1}, "compute config: gpu = -1: input should be greater than or equal to 0"),
     ("deploy", {"role_arn": "arn:aws:iam::123456789012:role/r", "bucket": "b", "instance_count": "2"},
      "deploy config: instance_count = '2': input should be a valid integer"),
+    ("deploy", {"bucket": "b"}, "--deploy-target sagemaker needs role_arn in the deploy config"),
 ])
 def test_a_bad_config_stops_the_flow_before_any_task_in_one_line(tmp_path, name, config, message):
     """Configs are checked as Metaflow reads them (Config parser): the run fails before its start step,
@@ -105,3 +106,30 @@ def test_an_unexpected_error_is_one_line_unless_debugging(capsys, monkeypatch, t
     monkeypatch.setenv("BINCOUNT_DEBUG", "1")
     with pytest.raises(TypeError):
         main(argv)
+
+
+@pytest.mark.parametrize("command", ["serve", "predict", "evaluate", "audit"])
+def test_every_model_command_chooses_its_run_the_same_way(capsys, command):
+    """--run, --champion, --branch and --production on each command that reads a run's model."""
+    text = run_cli(capsys, command, "--help")
+    for option in ("--run ID", "--champion TARGET", "--production", "--branch NAME"):
+        assert option in text, (command, option)
+    assert "user:<name>" in text  # the default scope is said
+
+
+def test_run_and_champion_together_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--run", "12", "--champion", "local", "x.jpg"])
+    assert done.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--branch", "Not-Valid"], "bincount: --branch 'Not-Valid': The branch name must contain only lowercase"),
+    (["--run", "12", "--production"], "bincount: --run names one run: give it without --champion, --branch or "
+                                      "--production"),
+])
+def test_a_bad_run_choice_is_one_line(capsys, tmp_path, argv, message):
+    code = main(["evaluate", "--source", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err

@@ -11,7 +11,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 

@@ -13,6 +13,7 @@ from typing import Mapping
 
 from bincount.data.shards import read_photos
 from bincount.flow.champion import ChampionDecision
+from bincount.flow.runs import ProjectBranch
 from bincount.model.metadata import ModelMeta
 from bincount.serving.endpoint import EndpointError, deploy_local
 
@@ -54,19 +55,24 @@ class Promotion:
 
 def promote(target: str, *, run_id: str, state: bytes, meta: ModelMeta | dict, photos: Mapping[str, bytes],
             test_ids: list[str], test_labels: list[int], test_predictions: Mapping[str, dict], new_accuracy: float,
-            force: bool = False, config: dict | None = None) -> Promotion:
+            force: bool = False, config: dict | None = None, branch: ProjectBranch | None = None) -> Promotion:
     """Deploy a run's model to ``target`` if it beats the target's champion on the run's own
     test split (``test_ids`` and ``test_labels`` in the same order, their photos in ``photos``,
     streamed), smoke-test the endpoint
-    against ``test_predictions`` (the in-process answers), and crown the run."""
-    from bincount.flow.champion import crown, gate
+    against ``test_predictions`` (the in-process answers), and crown the run.
+
+    The champion is that of ``branch``, by default the run's own project branch (``@project``:
+    ``--production``, ``--branch``, else the user's), so a run only ever replaces its own
+    branch's champion."""
+    from bincount.flow.champion import branch_of, crown, gate
     from bincount.serving.package import build_package
 
     if target == "none":
         return Promotion(target, None, {"target": target})
     meta = ModelMeta.from_dict(meta)
+    branch = branch or branch_of(run_id)
     decision = gate(target, run_id=run_id, classes=meta.classes, new_accuracy=new_accuracy,
-                    photos=photos, test_ids=test_ids, test_labels=test_labels, force=force)
+                    photos=photos, test_ids=test_ids, test_labels=test_labels, force=force, branch=branch)
     print(f"champion gate: {decision.to_dict()}")
     if not decision.deploy:
         return Promotion(target, decision, {"target": target})
@@ -74,6 +80,6 @@ def promote(target: str, *, run_id: str, state: bytes, meta: ModelMeta | dict, p
     ids = list(test_predictions)[:SMOKE_TEST_IMAGES]
     report = deploy(target, package, meta, dict(read_photos(photos, ids)), {i: test_predictions[i] for i in ids},
                     config)
-    deployment = {"target": target, **report, "replaced": crown(run_id, target)}
+    deployment = {"target": target, **report, "replaced": crown(run_id, target, branch=branch)}
     print(f"deployed to {target}: {deployment['smoke_test']}")
     return Promotion(target, decision, deployment, package)
