@@ -171,7 +171,7 @@ class BinCountFlow(FlowSpec):
     # from the point's last checkpoint. Once the retries are spent the failure is kept and the join goes
     # on without this point, unless --require-all-points (bincount.flow.failures).
     # refresh_interval is Metaflow's floor between refreshes, and a refresh inside it is dropped even when
-    # forced: 1 s lets every epoch through; the SageMaker log view throttles itself (bincount.flow.cards).
+    # forced: 1 s lets every one through; the epoch and SageMaker views throttle themselves (bincount.flow.cards).
     @card(type="blank", id="report", refresh_interval=1)
     @step
     def train(self):

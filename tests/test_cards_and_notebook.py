@@ -240,8 +240,13 @@ def test_a_training_card_shows_the_curves_so_far_and_the_time_left():
     text = card[0].render()["source"]
     assert "training, epoch 2 of 8" in text and "42.0 images/s" in text and "About 12 min left" in text
     assert card[1].render()["type"] == "image" and card.refreshes == 1
-    cards.train_progress(card, epochs=8)(result)
-    assert len(card) == 2  # redrawn, not appended to
+    update = cards.train_progress(card, epochs=8)
+    update(result)
+    assert len(card) == 2 and card.refreshes == 2  # redrawn, not appended to
+    update(result)  # the next epoch, moments later: drawn at the next one after the interval
+    assert card.refreshes == 2
+    cards.train_progress(card, epochs=8, interval_s=0)(result)
+    assert card.refreshes == 3
 
 
 def test_a_sagemaker_jobs_card_shows_its_status_and_last_log_lines(capsys):

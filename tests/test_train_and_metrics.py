@@ -1,4 +1,5 @@
 import io
+import time
 from dataclasses import replace
 
 import pytest
@@ -136,6 +137,34 @@ def test_a_time_limit_stops_training_as_a_timeout(synthetic_split):
     cfg = TrainConfig(name="t", arch="resnet18", pretrained=False, batch_size=16, epochs=50, image_size=64)
     with pytest.raises(TrainingTimeout, match="training t took longer than its limit of 2 s"):
         train_on_split(cfg, images, table, [1, 2, 3, 4, 5], progress=False, timeout_s=2)
+
+
+def test_waiting_for_the_training_lock_does_not_count_against_the_time_limit(synthetic_split):
+    """Grid points queue for one machine's training lock; the limit starts once a point holds it."""
+    import threading
+
+    from bincount.model.train import machine_lock
+
+    images, table = synthetic_split
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():  # another grid point training on this machine
+        with machine_lock():
+            held.set()
+            release.wait(30)
+
+    other = threading.Thread(target=hold_the_lock)
+    other.start()
+    assert held.wait(30)
+    threading.Timer(5, release.set).start()
+    started = time.monotonic()
+    cfg = TrainConfig(name="t", arch="resnet18", pretrained=False, batch_size=16, epochs=1, image_size=32)
+    try:
+        trained = train_on_split(cfg, images, table, [1, 2, 3, 4, 5], progress=False, timeout_s=4)
+    finally:
+        release.set()
+        other.join()
+    assert time.monotonic() - started >= 5 and len(trained.history) == 1  # waited 5 s, limit 4 s: no timeout
 
 
 def result(name, acc, loss, size=96, probabilities=()):

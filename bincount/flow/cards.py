@@ -417,16 +417,29 @@ def job_progress(card, grid_point: str, keep: int = 25, interval_s: float = JOB_
     return log
 
 
-def train_progress(card, epochs: int):
-    """A ``fit(on_epoch=...)`` callback that redraws this train step's card after every epoch
-    (Metaflow's dynamic cards: the step's ``@card`` has a ``refresh_interval`` short enough that no
-    epoch's refresh is dropped)."""
+# Each redraw of a card is a process of its own (``flow.py card create``): short epochs would keep one
+# busy beside training, so the train card is redrawn after the first epoch and then at most this often.
+TRAIN_CARD_INTERVAL_S = 10.0
+
+
+def train_progress(card, epochs: int, interval_s: float = TRAIN_CARD_INTERVAL_S):
+    """A ``fit(on_epoch=...)`` callback that redraws this train step's card after an epoch: the
+    first, then any that ends ``interval_s`` or more after the last redraw (Metaflow's dynamic
+    cards: the step's ``@card`` has a ``refresh_interval`` short enough that none is dropped)."""
+    import time
+
+    last_drawn = [None]
+
     def update(result) -> None:
+        now = time.monotonic()
+        if last_drawn[0] is not None and now - last_drawn[0] < interval_s:
+            return
+        last_drawn[0] = now
         try:
             components = progress_components(result, epochs)
             card.clear()
             card.extend(components)
-            card.refresh(force=True)  # an epoch is worth showing even within the card's refresh interval
+            card.refresh(force=True)
         except Exception as e:  # noqa: BLE001 - a report must never cost the run
             print(f"warning: the train card could not be refreshed: {type(e).__name__}: {e}", file=sys.stderr)
 
