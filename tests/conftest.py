@@ -219,6 +219,19 @@ def quick_grid(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def one_point_grid(tmp_path_factory) -> Path:
+    """One point of the tiny grid, one epoch, no ensemble: for flow tests about what happens
+    around training (deployment, fetching, project branches)."""
+    grid = json.loads(TINY_GRID.read_text())
+    grid["defaults"]["epochs"] = 1
+    grid["points"] = grid["points"][:1]
+    grid["select"] = {"ensemble": 1}
+    path = tmp_path_factory.mktemp("grids") / "one_point.json"
+    path.write_text(json.dumps(grid))
+    return path
+
+
+@pytest.fixture(scope="session")
 def synthetic_run():
     """One real flow run on generated data, read back by many tests; its photos (about 1 MB),
     fetched by two tasks, span several shards."""

@@ -109,8 +109,8 @@ def test_the_flow_runs_and_resumes_on_the_s3_datastore(s3_endpoint, s3_client, m
         # No deployment: the champion tag stays on the runs the champion tests made.
         # One task at a time: tiny-a finishes before tiny-b fails (see test_flow's resume test);
         # --require-all-points, or the join would go on with tiny-a alone.
-        failed = run_flow(env={**env, FAIL_ENV: "tiny-b"}, top=top, grid=quick_grid, source="synthetic", per_class=24,
-                          deploy_target="none", max_workers=1, require_all_points=True)
+        failed = run_flow(env={**env, FAIL_ENV: "tiny-b"}, top=top, grid=quick_grid, source="synthetic",
+                          per_class=24, deploy_target="none", max_workers=1, require_all_points=True)
         made.append(failed.run)
         assert failed.status == "failed" and "failing on purpose" in failed.output
         resumed = resume_flow(failed.run.id, env=env, top=top)

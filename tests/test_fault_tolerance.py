@@ -90,7 +90,8 @@ def test_a_point_that_fails_after_its_retry_leaves_the_run_to_the_others(quick_g
     tiny-b, with its error, in an artifact, the join's log and both of its cards."""
     from metaflow.cards import get_cards
 
-    running = run_flow(env={FAIL_ENV: "tiny-b"}, grid=quick_grid, source="synthetic", per_class=30, deploy_target="none")
+    running = run_flow(env={FAIL_ENV: "tiny-b"}, grid=quick_grid, source="synthetic", per_class=30,
+                       deploy_target="none")
     assert running.status == "successful", running.output[-4000:]
     data = running.run.data
     assert list(data.grid_results["name"]) == ["tiny-a"] and data.chosen == "tiny-a"

@@ -112,7 +112,7 @@ def test_cli_serve_starts_the_latest_run(synthetic_run, synthetic_jpegs, tmp_pat
 
 
 def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpoint, abid_sample, abid_ids,
-                                                             bad_objects, tmp_path, quick_grid):
+                                                             bad_objects, tmp_path, one_point_grid):
     files, reasons = bad_objects
     good = {c: abid_ids[c][:8] for c in (1, 2, 3, 4, 5)}
     upload_tree(s3_client, "abid-flow", "mirror",
@@ -123,7 +123,7 @@ def test_real_photos_from_s3_with_bad_objects_reported_by_id(s3_client, s3_endpo
     file_list.write_text(json.dumps(listing))
     env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     # three fetch tasks: the report gathered from them is the one a single download makes
-    running = run_flow(env=env, grid=quick_grid, source="s3://abid-flow/mirror", file_list=str(file_list),
+    running = run_flow(env=env, grid=one_point_grid, source="s3://abid-flow/mirror", file_list=str(file_list),
                        deploy_target="none", fetch_tasks=3)
     assert running.status == "successful", running.output[-4000:]
     data = running.run.data
@@ -184,7 +184,7 @@ def sagemaker_config(tmp_path, **settings):
     return path
 
 
-def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_endpoint, tmp_path, quick_grid):
+def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_endpoint, tmp_path, one_point_grid):
     s3_client.create_bucket(Bucket="flow-models")
     # moto answers invoke_endpoint with a canned body and fails on non-UTF-8
     # bodies, so the smoke test sends base64 JSON and records answers as unverified.
@@ -193,7 +193,7 @@ def test_sagemaker_target_creates_an_endpoint_on_a_real_server(s3_client, s3_end
                               smoke_content_type="application/json")
     env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
-    running = run_flow(env=env, deploy_config=config, grid=quick_grid, source="synthetic", per_class=30,
+    running = run_flow(env=env, deploy_config=config, grid=one_point_grid, source="synthetic", per_class=30,
                        deploy_target="sagemaker")
     assert running.status == "successful", running.output[-4000:]
     deployment = running.run.data.deployment

@@ -62,12 +62,13 @@ def test_a_worse_model_is_not_deployed_unless_forced(synthetic_run, weak_grid):
 # --- two branches of one project -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def branch_runs(quick_grid):
+def branch_runs(one_point_grid):
     """A production run (``--production``), then a colleague's run on the test branch ``test``
     (``--branch test``): same data, seed and grid, so the same test split and an equal model."""
-    prod = run_flow(top={"production": True}, grid=quick_grid, source="synthetic", per_class=30)
+    prod = run_flow(top={"production": True}, grid=one_point_grid, source="synthetic", per_class=30)
     assert prod.status == "successful", prod.output[-4000:]
-    test = run_flow(top={"branch": "test"}, env={"METAFLOW_USER": "colleague"}, grid=quick_grid, source="synthetic", per_class=30)
+    test = run_flow(top={"branch": "test"}, env={"METAFLOW_USER": "colleague"}, grid=one_point_grid,
+                    source="synthetic", per_class=30)
     assert test.status == "successful", test.output[-4000:]
     return prod.run, test.run
 
