@@ -370,8 +370,8 @@ def progress_components(result, epochs: int) -> list:
     return [_md(f"# Grid point `{name}`: training, epoch {done} of {epochs}\n\n"
                 f"Best so far: epoch {result.best_epoch}, validation accuracy {result.val_accuracy:.3f}. "
                 f"Last epoch: {last['epoch_seconds']:.0f} s, {last['train_images_per_second']:.1f} images/s. "
-                f"About {_duration(left)} left. This card refreshes after every epoch; the final report "
-                "replaces it when the point is done."),
+                f"About {_duration(left)} left. This card is redrawn as epochs end (at most every "
+                f"{TRAIN_CARD_INTERVAL_S:.0f} s); the final report replaces it when the point is done."),
             learning_curves(history, result.best_epoch, f"Learning curves so far: {name}")]
 
 
@@ -382,18 +382,45 @@ def _duration(seconds: float) -> str:
 
 
 JOB_CARD_INTERVAL_S = 10.0  # a SageMaker job's log can be many lines a second; each card render is a process
+# Each redraw of a card is a process of its own (``flow.py card create``): short epochs would keep one
+# busy beside training, so the train card is redrawn after the first epoch and then at most this often.
+TRAIN_CARD_INTERVAL_S = 10.0
+
+
+def _redraw_throttled(card, interval_s: float, *, force: bool = False):
+    """``redraw(components_of, urgent=False)``: replace ``card``'s components with
+    ``components_of()`` and refresh it, the first time, when ``urgent``, or once ``interval_s``
+    has passed since the last redraw; otherwise do nothing. A failure is a warning: a report
+    must never cost the run."""
+    import time
+
+    last_drawn = [float("-inf")]
+
+    def redraw(components_of, urgent: bool = False) -> None:
+        now = time.monotonic()
+        if not urgent and now - last_drawn[0] < interval_s:
+            return
+        last_drawn[0] = now
+        try:
+            components = components_of()
+            card.clear()
+            card.extend(components)
+            card.refresh(force=force)
+        except Exception as e:  # noqa: BLE001 - a report must never cost the run
+            print(f"warning: the train card could not be refreshed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    return redraw
 
 
 def job_progress(card, grid_point: str, keep: int = 25, interval_s: float = JOB_CARD_INTERVAL_S):
     """A ``log`` for a grid point trained by a SageMaker job: each line is printed as before, and the
     train step's card shows the job's latest status and its last ``keep`` log lines (redrawn when the
     status changes, else at most every ``interval_s``)."""
-    import time
     from collections import deque
 
     lines: deque = deque(maxlen=keep)
     status = ["the job is being started"]
-    last_drawn = [float("-inf")]
+    redraw = _redraw_throttled(card, interval_s)
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -401,49 +428,19 @@ def job_progress(card, grid_point: str, keep: int = 25, interval_s: float = JOB_
         changed = line.startswith(("training job ", "started SageMaker training job"))
         if changed:
             status[0] = line
-        if not changed and time.monotonic() - last_drawn[0] < interval_s:
-            return
-        last_drawn[0] = time.monotonic()
-        try:
-            components = [_md(f"# Grid point `{grid_point}`: SageMaker training job\n\n{status[0]}\n\n"
-                              f"The job's last {len(lines)} log lines:"),
-                          _md("```\n" + "\n".join(lines) + "\n```")]
-            card.clear()
-            card.extend(components)
-            card.refresh()
-        except Exception as e:  # noqa: BLE001 - a report must never cost the run
-            print(f"warning: the train card could not be refreshed: {type(e).__name__}: {e}", file=sys.stderr)
+        redraw(lambda: [_md(f"# Grid point `{grid_point}`: SageMaker training job\n\n{status[0]}\n\n"
+                            f"The job's last {len(lines)} log lines:"),
+                        _md("```\n" + "\n".join(lines) + "\n```")], urgent=changed)
 
     return log
-
-
-# Each redraw of a card is a process of its own (``flow.py card create``): short epochs would keep one
-# busy beside training, so the train card is redrawn after the first epoch and then at most this often.
-TRAIN_CARD_INTERVAL_S = 10.0
 
 
 def train_progress(card, epochs: int, interval_s: float = TRAIN_CARD_INTERVAL_S):
     """A ``fit(on_epoch=...)`` callback that redraws this train step's card after an epoch: the
     first, then any that ends ``interval_s`` or more after the last redraw (Metaflow's dynamic
     cards: the step's ``@card`` has a ``refresh_interval`` short enough that none is dropped)."""
-    import time
-
-    last_drawn = [None]
-
-    def update(result) -> None:
-        now = time.monotonic()
-        if last_drawn[0] is not None and now - last_drawn[0] < interval_s:
-            return
-        last_drawn[0] = now
-        try:
-            components = progress_components(result, epochs)
-            card.clear()
-            card.extend(components)
-            card.refresh(force=True)
-        except Exception as e:  # noqa: BLE001 - a report must never cost the run
-            print(f"warning: the train card could not be refreshed: {type(e).__name__}: {e}", file=sys.stderr)
-
-    return update
+    redraw = _redraw_throttled(card, interval_s, force=True)
+    return lambda result: redraw(lambda: progress_components(result, epochs))
 
 
 # --- join -------------------------------------------------------------------------
