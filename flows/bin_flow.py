@@ -79,6 +79,10 @@ class BinCountFlow(FlowSpec):
     require_all_points = Parameter("require-all-points", default=False, type=bool, is_flag=True,
                                    help="Fail the run when any grid point fails after its retries (by default the "
                                         "join goes on with the points that trained and names the failed ones).")
+    warm_start = Parameter("warm-start", default="",
+                           help="RUN_ID: the grid's search learns from that run's search trials too (those in "
+                                "this search's space): a tpe search draws from them, and early stopping "
+                                "compares against them.")
     force_deploy = Parameter("force-deploy", default=False, type=bool, is_flag=True,
                              help="Deploy even if the model is less accurate than the target's current "
                                   "champion (the run tagged champion:<target>).")
@@ -96,7 +100,8 @@ class BinCountFlow(FlowSpec):
         """Validate every option before any download or training starts."""
         from bincount.data.fetch import parse_classes
         from bincount.flow.compute import ComputeConfig
-        from bincount.model.grid import expand_grid
+        from bincount.flow.search import warm_trials
+        from bincount.model.grid import grid_search, plan_grid
 
         if self.deploy_target not in DEPLOY_TARGETS:
             raise ValueError(f"--deploy-target {self.deploy_target!r}: choose one of {DEPLOY_TARGETS}")
@@ -104,11 +109,19 @@ class BinCountFlow(FlowSpec):
             from bincount.sagemaker.endpoint import SageMakerTarget
 
             SageMakerTarget.from_config(self.deploy_config.to_dict())
-        print(f"train step compute: {ComputeConfig.from_dict(self.compute.to_dict()).describe()}")
+        compute = ComputeConfig.from_dict(self.compute.to_dict())
+        print(f"train step compute: {compute.describe()}")
         if self.fetch_tasks < 1:
             raise ValueError(f"--fetch-tasks {self.fetch_tasks}: need at least 1")
         self.class_list = parse_classes(self.classes)
-        self.grid_points = [c.as_dict() for c in expand_grid(self.grid.to_dict())]
+        self.grid_points = plan_grid(self.grid.to_dict())  # fixed points, then a search's trials
+        search = grid_search(self.grid.to_dict())
+        if search is not None and search.early_stopping and compute.compute == "sagemaker":
+            raise ValueError("the grid's search stops trials early, which runs in the training process; with "
+                             "the sagemaker compute config remove search.early_stopping")
+        if self.warm_start and search is None:
+            raise ValueError(f"--warm-start {self.warm_start}: the grid has no search block to warm-start")
+        self.warm_trials = warm_trials(self.warm_start, search) if self.warm_start else []
         self.quota = None if self.file_list else self.per_class  # bins per class; None: every usable one listed
         self.fetch_chunks = fetch_plan(self)
         self.next(self.fetch_subset, foreach="fetch_chunks")
@@ -179,22 +192,29 @@ class BinCountFlow(FlowSpec):
         from bincount.flow.compute import ComputeConfig, train_branch
         from bincount.flow.failures import kept_after_retries
         from bincount.flow.runs import photos_in
+        from bincount.flow.search import trial_settings
         from bincount.flow.storage import checkpoints_for
-        from bincount.model.grid import TrainConfig
+        from bincount.model.trials import grid_point
 
-        cfg, compute = TrainConfig(**self.input), ComputeConfig.from_dict(self.compute.to_dict())
+        compute, point = ComputeConfig.from_dict(self.compute.to_dict()), None
         with kept_after_retries(self, attempt=current.retry_count, retries=compute.retries,
                                 require_all=self.require_all_points):
-            result = train_branch(compute, cfg, photos_in(self), self.split_table, self.class_list,
-                                  seed=self.seed, cache_bytes=int(self.cache_mb * 2**20),
-                                  job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}",
-                                  checkpoints=checkpoints_for(self, current, cfg.name),
-                                  on_epoch=cards.train_progress(current.card, cfg.epochs),
-                                  log=cards.job_progress(current.card, cfg.name))
+            # a fixed point, or a search trial: drawn, or drawing its values now from the trials before it
+            with grid_point(self.input, **trial_settings(self, current, compute)) as point:
+                cfg = point.config
+                result = train_branch(compute, cfg, photos_in(self), self.split_table, self.class_list,
+                                      seed=self.seed, cache_bytes=int(self.cache_mb * 2**20),
+                                      job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}",
+                                      checkpoints=checkpoints_for(self, current, cfg.name),
+                                      on_epoch=cards.train_progress(current.card, cfg.epochs),
+                                      should_stop=point.stopping, log=cards.job_progress(current.card, cfg.name))
+                point.finish(result)
             for name, value in result.to_artifacts().items():  # scores, history, state_dict
                 setattr(self, name, value)
             current.card.clear()  # the report replaces the progress shown while training
             cards.train_card(current.card, self)
+        # the trial's values and outcome (None for a fixed point): the join gathers them for --warm-start
+        self.search_trial = point.record.to_dict() if point is not None and point.record else None
         self.next(self.join)
 
     @card(type="blank", id="report")
@@ -213,8 +233,9 @@ class BinCountFlow(FlowSpec):
             print(f"grid point {point.name} failed after its retries: {point.error}")
         check_outcomes(results, failed, require_all=self.require_all_points)
         # Everything from before the foreach is the same in every branch; carry it on.
-        self.merge_artifacts(inputs, exclude=[*TrainResult.ARTIFACTS, FAILURE_VAR])
+        self.merge_artifacts(inputs, exclude=[*TrainResult.ARTIFACTS, FAILURE_VAR, "search_trial"])
         self.failed_points = [point.to_dict() for point in failed]
+        self.search_trials = [i.search_trial for i in inputs if i.search_trial]  # what --warm-start reads
         self.grid_results = results_table(results)
         self.grid_histories = {r.config["name"]: r.history for r in results}
         val = self.split_table[self.split_table["split"] == "val"]

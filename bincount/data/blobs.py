@@ -81,3 +81,17 @@ def write_blob(url: str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def list_blobs(folder: str) -> list[str]:
+    """The URLs of the objects directly in ``folder`` (a folder or an ``s3://`` prefix), sorted;
+    none where it does not exist."""
+    if not is_s3(folder):
+        try:
+            names = sorted(n for n in os.listdir(folder) if not n.startswith("."))  # not a write's temporary
+        except FileNotFoundError:
+            return []
+        return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    bucket, prefix = split_s3(folder)
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/", Delimiter="/")
+    return sorted(f"s3://{bucket}/{o['Key']}" for page in pages for o in page.get("Contents", []))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import sys
 import traceback
@@ -445,7 +446,8 @@ def train_progress(card, epochs: int, interval_s: float = TRAIN_CARD_INTERVAL_S)
 
 # --- join -------------------------------------------------------------------------
 
-SCORE_COLUMNS = {"best_epoch", "val_accuracy", "val_loss", "train_seconds", "train_images_per_second", "device"}
+SCORE_COLUMNS = {"best_epoch", "val_accuracy", "val_loss", "train_seconds", "train_images_per_second", "device",
+                 "stopped_after", "outcome"}
 
 
 def varying_hyperparameters(grid_results) -> list[str]:
@@ -453,25 +455,90 @@ def varying_hyperparameters(grid_results) -> list[str]:
             if c not in SCORE_COLUMNS | {"name"} and grid_results[c].astype(str).nunique() > 1]
 
 
-def hyperparameter_chart(grid_results, chosen: str):
+LOG_SCALED = {"lr", "weight_decay"}  # charted on a log axis, like any a search draws log-uniformly
+
+
+def _numeric(values) -> bool:
+    return bool(values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all())
+
+
+def _stopped(grid_results) -> list[bool]:
+    if "stopped_after" not in grid_results:  # runs from before early stopping
+        return [False] * len(grid_results)
+    return [bool(v) for v in grid_results["stopped_after"].fillna(0)]
+
+
+def hyperparameter_chart(grid_results, chosen: str, log_scaled: set[str] = frozenset()):
     params = varying_hyperparameters(grid_results)
     if not params:
         return _md("_Every grid point has the same hyperparameters but its name: nothing to chart._")
-    fig, axes = _figure(max(3.2 * len(params), 5.0), 3.0, ncols=len(params))
-    for ax, param in zip(axes[0], params):
+    ncols = min(len(params), 4)
+    nrows = -(-len(params) // ncols)
+    fig, axes = _figure(max(3.2 * ncols, 5.0), 3.0 * nrows, ncols=ncols, nrows=nrows)
+    label = len(grid_results) <= 12  # names on the points while they can be read
+    for ax, param in zip(axes.flat, params):
         values = grid_results[param]
-        numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
+        numeric = _numeric(values)
         xs = values.astype(float) if numeric else values.astype(str)
         colors = ["#c44e52" if n == chosen else "#4c72b0" for n in grid_results["name"]]
-        ax.scatter(xs, grid_results["val_accuracy"], c=colors, s=40)
+        ax.scatter(xs, grid_results["val_accuracy"], c=colors, s=40, alpha=0.85, linewidths=1.2,
+                   edgecolors=[(0, 0, 0, 1) if s else (0, 0, 0, 0) for s in _stopped(grid_results)])
         for x, y, n in zip(xs, grid_results["val_accuracy"], grid_results["name"]):
-            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if numeric and param in {"lr", "weight_decay"} and (xs > 0).all():
+            if label or n == chosen:
+                ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if numeric and param in LOG_SCALED | set(log_scaled) and (xs > 0).all():
             ax.set_xscale("log")
         ax.margins(0.15)
         ax.set(xlabel=param, ylabel="validation accuracy")
-    fig.suptitle("Validation accuracy by hyperparameter (red: chosen)", fontsize=10)
+    for ax in list(axes.flat)[len(params):]:
+        ax.set_visible(False)
+    fig.suptitle("Validation accuracy by hyperparameter (red: chosen; black edge: stopped early)", fontsize=10)
     return _image(fig, "Validation accuracy against each hyperparameter")
+
+
+def parallel_coordinates(grid_results, chosen: str, log_scaled: set[str] = frozenset()):
+    """One line per grid point across an axis per varying hyperparameter (each scaled to its own
+    range, log where searched so), coloured by validation accuracy: which combinations score."""
+    import numpy as np
+    from matplotlib import cm
+    from matplotlib.colors import Normalize
+
+    params = varying_hyperparameters(grid_results)
+    if len(params) < 2 or len(grid_results) < 3:
+        return None
+    columns, ticks = [], []
+    for param in params:
+        values = grid_results[param]
+        if _numeric(values):
+            x = values.astype(float).to_numpy()
+            if (param in LOG_SCALED | set(log_scaled)) and (x > 0).all():
+                x = np.log10(x)
+            low, high = x.min(), x.max()
+            shown = values.astype(float)
+            ticks.append((_fmt(shown.min()), _fmt(shown.max())))
+        else:
+            levels = sorted(values.astype(str).unique())
+            x = values.astype(str).map(levels.index).to_numpy().astype(float)
+            low, high = 0.0, float(len(levels) - 1)
+            ticks.append((levels[0], levels[-1]))
+        columns.append((x - low) / (high - low) if high > low else np.full(len(x), 0.5))
+    data = np.column_stack(columns)
+    accuracy = grid_results["val_accuracy"].to_numpy(dtype=float)
+    norm = Normalize(accuracy.min(), accuracy.max() if accuracy.max() > accuracy.min() else accuracy.min() + 1e-9)
+    fig, axes = _figure(max(1.6 * len(params), 6.0), 3.6)
+    ax = axes[0, 0]
+    for row, acc, name in sorted(zip(data, accuracy, grid_results["name"]), key=lambda t: t[1]):  # best on top
+        ax.plot(range(len(params)), row, color=cm.viridis(norm(acc)), lw=3 if name == chosen else 1.2, alpha=0.9)
+    for i, (low, high) in enumerate(ticks):
+        ax.axvline(i, color="0.6", lw=0.8)
+        ax.annotate(low, (i, 0), xytext=(2, -12), textcoords="offset points", fontsize=7)
+        ax.annotate(high, (i, 1), xytext=(2, 4), textcoords="offset points", fontsize=7)
+    ax.set_xticks(range(len(params)), params, fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-0.12, 1.12)
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="validation accuracy")
+    ax.set_title("Every grid point across its hyperparameters (thick: chosen)", fontsize=10)
+    return _image(fig, "Parallel coordinates of the hyperparameters, coloured by validation accuracy")
 
 
 def grid_curves(grid_histories: dict, chosen: str):
@@ -484,7 +551,8 @@ def grid_curves(grid_histories: dict, chosen: str):
     axes[0, 0].set(xlabel="epoch", title="validation accuracy")
     axes[0, 1].set(xlabel="epoch", title="validation loss")
     _log_if_spread(axes[0, 1], [r["val_loss"] for h in grid_histories.values() for r in h])
-    axes[0, 0].legend(fontsize=8)
+    if len(grid_histories) <= 12:
+        axes[0, 0].legend(fontsize=8)
     return _image(fig, "Validation curves of every grid point")
 
 
@@ -494,6 +562,10 @@ def grid_table(grid_results, chosen: str):
     scores = [c for c in ("val_accuracy", "val_loss", "best_epoch", "train_seconds", "train_images_per_second",
                           "device") if c in grid_results.columns]
     table = grid_results[["name", *varying, *scores]].copy()
+    if any(_stopped(grid_results)):
+        epochs = grid_results["epochs"] if "epochs" in grid_results else [None] * len(grid_results)
+        table["outcome"] = [f"stopped after epoch {int(s)} of {e}" if s else "every epoch"
+                            for s, e in zip(grid_results["stopped_after"].fillna(0), epochs)]
     table.insert(0, "rank", range(1, len(table) + 1))
     table.insert(1, "chosen", [WINNER_MARK if n == chosen else "" for n in table["name"]])
     return table
@@ -525,28 +597,52 @@ def failed_components(failed_points: list[dict]) -> list:
             _table([[f["name"], f["error"]] for f in failed_points], ["grid point", "error"])]
 
 
+def search_text(search, search_trials: list[dict], warm_trials: list[dict]) -> str:
+    """A line on the grid's search: strategy, space, how its trials ended, what it learnt from."""
+    if search is None:
+        return ""
+    ended = {status: sum(1 for t in search_trials if t["status"] == status)
+             for status in ("complete", "stopped", "failed")}
+    stopping = search.early_stopping
+    return (f"\n\nSearch: **{search.strategy}**, {search.trials} trials over "
+            + ", ".join(f"{k} {json.dumps(v)}" for k, v in search.space.items())
+            + f" (seed {search.seed}): {ended['complete']} trained every epoch, {ended['stopped']} stopped early"
+            + (f" (median rule after {stopping.warmup_epochs} epoch(s), once {stopping.min_trials} trials had "
+               "finished)" if stopping else "")
+            + f", {ended['failed']} failed."
+            + (f" Warm-started from {len(warm_trials)} trials of run {warm_trials[0]['run_id']}." if warm_trials
+               else ""))
+
+
 def join_components(grid_results, grid_histories: dict, chosen: str, model_meta: dict | None = None,
-                    failed_points: list[dict] = ()) -> list:
+                    failed_points: list[dict] = (), search=None, search_trials: list[dict] = (),
+                    warm_trials: list[dict] = ()) -> list:
     varying = varying_hyperparameters(grid_results)
     shared = {c: grid_results[c].iloc[0] for c in grid_results.columns
               if c not in SCORE_COLUMNS | {"name"} and c not in varying}
     best = grid_results[grid_results["name"] == chosen].iloc[0]
+    log_scaled = search.log_scaled() if search else set()
+    coordinates = parallel_coordinates(grid_results, chosen, log_scaled)
     return [_md(f"# Grid: {len(grid_results)} points\n\nBest: **{chosen}**, validation accuracy "
                 f"{best['val_accuracy']:.3f} (loss {best['val_loss']:.3f}). Ranked by validation accuracy, "
                 "then lower validation loss. To sort by any column, open this step's `grid` card."
-                + served_text(model_meta)),
+                + served_text(model_meta) + search_text(search, search_trials, warm_trials)),
             _df_table(grid_table(grid_results, chosen)),
             _md("Shared by every point: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shared.items())
                 if shared else "No hyperparameter is shared by every point."),
             *failed_components(failed_points),
-            hyperparameter_chart(grid_results, chosen),
+            hyperparameter_chart(grid_results, chosen, log_scaled),
+            *([coordinates] if coordinates is not None else []),
             grid_curves(grid_histories, chosen)]
 
 
 @appends_safely
 def join_card(flow) -> list:
+    from bincount.model.grid import grid_search
+
     return join_components(flow.grid_results, flow.grid_histories, flow.chosen, flow.model_meta,
-                           getattr(flow, "failed_points", []))
+                           getattr(flow, "failed_points", []), search=grid_search(flow.grid.to_dict()),
+                           search_trials=flow.search_trials, warm_trials=flow.warm_trials)
 
 
 # The join step's second card, @card(type="bincount_sortable_table", id="grid"): the same table, which

@@ -175,14 +175,19 @@ def check_decorator_arguments(engine: str, kwargs: dict) -> None:
 
 
 def train_branch(compute, cfg, photos: Mapping[str, bytes], split_table, classes: list[int], *, seed: int,
-                 job_prefix: str, cache_bytes: int | None = None, checkpoints=None, on_epoch=None, log=print):
+                 job_prefix: str, cache_bytes: int | None = None, checkpoints=None, on_epoch=None,
+                 should_stop=None, log=print):
     """Train one grid point where the compute config says: in this process (local, and on
     Batch or Kubernetes, where this process already is the remote task, reading the run's
     shards from S3) or as a SageMaker job. ``cache_bytes``, ``checkpoints`` and ``on_epoch``:
     see ``train_on_split`` (a SageMaker job checkpoints to S3 itself, and starts from
-    ``checkpoints``' last state); ``log`` takes a SageMaker job's status and log lines."""
+    ``checkpoints``' last state); ``log`` takes a SageMaker job's status and log lines.
+    ``should_stop``: early stopping, which runs in the training process, so not in a SageMaker job."""
     compute = compute if isinstance(compute, ComputeConfig) else ComputeConfig.from_dict(compute)
     if compute.compute == "sagemaker":
+        if should_stop is not None:
+            raise ValueError("early stopping runs in the training process and a SageMaker job is another "
+                             "machine: remove the search's early_stopping, or train locally, on Batch or Kubernetes")
         from bincount.sagemaker.training import train_on_sagemaker
 
         return train_on_sagemaker(cfg, photos, split_table, classes, seed=seed,
@@ -191,4 +196,5 @@ def train_branch(compute, cfg, photos: Mapping[str, bytes], split_table, classes
     from bincount.model.train import train_on_split
 
     return train_on_split(cfg, photos, split_table, classes, seed=seed, cache_bytes=cache_bytes,
-                          checkpoints=checkpoints, timeout_s=compute.timeouts.train, on_epoch=on_epoch)
+                          checkpoints=checkpoints, timeout_s=compute.timeouts.train, on_epoch=on_epoch,
+                          should_stop=should_stop)

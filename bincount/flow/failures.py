@@ -64,7 +64,9 @@ def sort_outcomes(inputs) -> tuple[list, list[FailedPoint]]:
         if failure is None:
             trained.append(TrainResult.from_artifacts(branch))
         else:
-            failed.append(FailedPoint(name=branch.input["name"], error=failure["error"], config=dict(branch.input)))
+            # an adaptive trial that failed before drawing its values has no config yet
+            failed.append(FailedPoint(name=branch.input["name"], error=failure["error"],
+                                      config=dict(branch.input["config"] or {})))
     return trained, failed
 
 

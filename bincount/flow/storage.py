@@ -20,6 +20,7 @@ from bincount.data.blobs import join
 
 SHARDS_DIR = "bincount-shards"
 CHECKPOINTS_DIR = "bincount-checkpoints"
+SEARCH_DIR = "bincount-search"  # a search's trial records (bincount.model.trials.TrialStore)
 
 
 def datastore_root(flow) -> tuple[str, str]:
@@ -33,7 +34,7 @@ def datastore_root(flow) -> tuple[str, str]:
 
 
 def run_root(flow, what: str, flow_name: str, run_id: str) -> str:
-    """The folder or ``s3://`` prefix for ``what`` (SHARDS_DIR, CHECKPOINTS_DIR) of run ``run_id``."""
+    """The folder or ``s3://`` prefix for ``what`` (SHARDS_DIR, CHECKPOINTS_DIR, SEARCH_DIR) of run ``run_id``."""
     kind, root = datastore_root(flow)
     if kind == "local":
         return os.path.join(os.path.dirname(os.path.abspath(root)), f".{what}", flow_name, run_id)
@@ -55,3 +56,17 @@ def checkpoints_for(flow, current, grid_point: str):
 
     origin = current.origin_run_id
     return Checkpoints(folder(current.run_id), resume_from=folder(origin) if origin else None)
+
+
+def trials_for(flow, current, warm: list[dict] = ()):
+    """The trial records of the running task's search: this run's, the resumed run's (a resume clones
+    finished trials without rerunning them), and ``warm``, records from a --warm-start run."""
+    from bincount.model.search import TrialRecord
+    from bincount.model.trials import TrialStore
+
+    def folder(run_id: str) -> str:
+        return join(run_root(flow, SEARCH_DIR, current.flow_name, run_id), current.step_name)
+
+    origin = current.origin_run_id
+    return TrialStore(folder(current.run_id), resume_from=folder(origin) if origin else None,
+                      warm=tuple(TrialRecord.from_dict(r) for r in warm))

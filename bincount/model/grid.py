@@ -6,7 +6,8 @@
 
 Each point is the defaults updated by the point, validated into a
 :class:`TrainConfig`, so a typo fails before any training starts. ``select``
-(optional, :class:`SelectConfig`) says what the join makes of the trained points.
+(optional, :class:`SelectConfig`) says what the join makes of the trained points, and
+``search`` (optional, bincount.model.search) adds trials drawn from ranges to the points.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class SelectConfig:
             raise ValueError(f"select.decision must be one of {DECISIONS}, got {self.decision!r}")
 
 
-GRID_KEYS = {"defaults", "points", "select", "description"}
+GRID_KEYS = {"defaults", "points", "search", "select", "description"}
 
 
 def select_config(grid: dict) -> SelectConfig:
@@ -97,18 +98,28 @@ def select_config(grid: dict) -> SelectConfig:
     return build(SelectConfig, select, "grid select")
 
 
-def expand_grid(grid: dict) -> list[TrainConfig]:
+def grid_search(grid: dict):
+    """The grid's ``search`` block, checked (a :class:`bincount.model.search.Search`), or None."""
+    from bincount.model.search import parse_search, train_fields
+
+    if "search" not in grid:
+        return None
+    return parse_search(grid["search"], grid.get("defaults", {}), train_fields())
+
+
+def fixed_points(grid: dict) -> list[TrainConfig]:
+    """The grid's points written out by hand, each validated with the defaults."""
     unknown = set(grid) - GRID_KEYS
     if unknown:
         raise ConfigError(f"grid: unknown top-level keys {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
     select_config(grid)  # validated here too, so start fails on a typo before anything trains
     known = {f.name for f in fields(TrainConfig)}
     defaults = grid.get("defaults", {})
-    points = grid.get("points")
+    points = grid.get("points", [])
     if not isinstance(defaults, dict):
         raise ConfigError(f"grid: defaults must be an object {{...}}, got {defaults!r}")
-    if not points:
-        raise ConfigError("the grid has no points: expected {\"points\": [{...}, ...]}")
+    if not points and "search" not in grid:
+        raise ConfigError("the grid has no points: expected {\"points\": [{...}, ...]} or a \"search\" block")
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise ConfigError("grid: points must be a list of objects [{...}, ...]")
     configs = []
@@ -120,7 +131,36 @@ def expand_grid(grid: dict) -> list[TrainConfig]:
             raise ConfigError(f"grid point {merged['name']!r}: unknown keys {sorted(unknown)}; "
                               f"known: {sorted(known)}")
         configs.append(build(TrainConfig, merged, f"grid point {merged['name']!r}"))
-    names = [c.name for c in configs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"grid point names must be unique: {names}")
     return configs
+
+
+def plan_grid(grid: dict) -> list[dict]:
+    """What the train foreach trains, one item per task: the fixed points, then the search's trials.
+
+    Each item is ``{"name", "config", "trial", "params"}``: a fixed point has its config and no
+    trial; a trial of a random or quasi-random search has its drawn values (``params``) and its
+    config; a trial of an adaptive search (tpe) has neither yet: it draws them when it starts.
+    """
+    from bincount.model.search import expand_trials, trial_config
+
+    items = [{"name": c.name, "config": c.as_dict(), "trial": None, "params": None} for c in fixed_points(grid)]
+    search = grid_search(grid)
+    if search is not None:
+        drawn = expand_trials(search) if search.expanded else [None] * search.trials
+        defaults = grid.get("defaults", {})
+        for index, params in enumerate(drawn):
+            name = search.trial_name(index)
+            config = None if params is None else trial_config(defaults, {**params, "name": name},
+                                                              f"search trial {name!r}").as_dict()
+            items.append({"name": name, "config": config, "trial": index, "params": params})
+    names = [item["name"] for item in items]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"grid point names must be unique (a search's trials are named "
+                          f"<prefix>-00, ...): {names}")
+    return items
+
+
+def expand_grid(grid: dict) -> list[TrainConfig]:
+    """Every grid point whose settings are known before training: the fixed points and the trials of a
+    random or quasi-random search (an adaptive search's trials draw theirs as they start)."""
+    return [TrainConfig(**item["config"]) for item in plan_grid(grid) if item["config"] is not None]

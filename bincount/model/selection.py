@@ -29,7 +29,7 @@ def results_table(results: list):
 
     rows = [{**r.config, "best_epoch": r.best_epoch, "val_accuracy": r.val_accuracy, "val_loss": r.val_loss,
              "train_seconds": r.train_seconds, "train_images_per_second": r.images_per_second,
-             "device": r.device} for r in sorted(results, key=rank_key)]
+             "device": r.device, "stopped_after": r.stopped_after} for r in sorted(results, key=rank_key)]
     return pd.DataFrame(rows)
 
 

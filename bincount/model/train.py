@@ -54,12 +54,22 @@ def machine_lock(path: str = LOCK_PATH):
     """
     import fcntl
 
+    import threading
+
+    if _HELD.get(path) == threading.get_ident():  # already this thread's: an adaptive search trial
+        yield                                      # holds it from its draw to its end
+        return
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD[path] = threading.get_ident()
         try:
             yield
         finally:
+            del _HELD[path]
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_HELD: dict[str, int] = {}  # lock file -> the thread holding it (a second flock of it would deadlock)
 
 
 class TrainingTimeout(TimeoutError):
@@ -110,6 +120,8 @@ class TrainResult:
     # its four flips: what the join needs to score ensembles and TTA.
     val_probabilities: list = field(default_factory=list)
     val_probabilities_tta: list = field(default_factory=list)
+    # The epoch after which early stopping (a search's) ended training; 0: it trained every epoch.
+    stopped_after: int = 0
 
     # A train task keeps its result as three artifacts, so the Client can read a branch's
     # curves (``history``) and scores (``scores``) without loading its weights (``state_dict``).
@@ -381,7 +393,8 @@ def _set_rng_state(state: dict, generator, augment_generator) -> None:
 
 def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device: str | None = None,
         progress: bool = True, val_order: list | None = None, checkpoints=None,
-        on_epoch: Callable[[TrainResult], None] | None = None) -> TrainResult:
+        on_epoch: Callable[[TrainResult], None] | None = None,
+        should_stop: Callable[[TrainResult], bool] | None = None) -> TrainResult:
     """Train one grid point; return the best epoch's weights and every epoch's curves.
 
     ``train`` and ``val`` are splits (:class:`CachedSplit` or :class:`StreamedSplit`). In a
@@ -396,7 +409,9 @@ def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device
     ``checkpoints`` (:class:`bincount.model.checkpoint.Checkpoints`): the state is saved there
     after every epoch, and where a state is found there when training starts, it continues
     after that state's epoch. ``on_epoch(result)`` is called after each epoch with the result
-    so far (curves, best epoch), for live reports.
+    so far (curves, best epoch), for live reports. ``should_stop(result)``, asked after each epoch
+    but the last, ends training early when it answers True (a search's early stopping); the result
+    keeps the best epoch so far and says where it stopped (``stopped_after``).
     """
     import torch
 
@@ -494,8 +509,14 @@ def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device
             on_epoch(result)
         if _test_hook(FAIL_ENV, cfg.name, epoch, first):
             raise RuntimeError(f"{FAIL_ENV}={os.environ[FAIL_ENV]}: failing on purpose after epoch {epoch}")
+        if should_stop is not None and epoch < cfg.epochs and _agreed(rank == 0 and should_stop(result), world_size):
+            result.stopped_after = epoch
+            if rank == 0:
+                print(f"{cfg.name}: stopped early after epoch {epoch} of {cfg.epochs}: its best validation accuracy "
+                      f"so far ({result.val_accuracy:.3f}) is below the median of the finished trials'", flush=True)
+            break
     result.train_seconds = time.perf_counter() - started
-    result.images_per_second = cfg.epochs * images_per_epoch / result.train_seconds
+    result.images_per_second = len(result.history) * images_per_epoch / result.train_seconds
     model.load_state_dict(torch.load(io.BytesIO(result.state_dict), weights_only=True))
     ids, plain, tta = split_probabilities(model, val, cfg=cfg, num_classes=num_classes,
                                           batch_size=cfg.batch_size * 2, device=device, dtype=dtype)
@@ -507,6 +528,11 @@ def fit(cfg: TrainConfig, train, val, *, num_classes: int, seed: int = 0, device
     result.val_probabilities = [plain[position[i]] for i in order]
     result.val_probabilities_tta = [tta[position[i]] for i in order]
     return result
+
+
+def _agreed(decision: bool, world_size: int) -> bool:
+    """Rank 0's decision, on every rank (they must leave the epoch loop together)."""
+    return bool(decision) if world_size == 1 else bool(all_gather(bool(decision))[0])
 
 
 def save_checkpoint(checkpoints, epoch: int, model, optimizer, scheduler, result: TrainResult, num_classes: int,
@@ -566,7 +592,8 @@ def rank_share(photos, ids: list[str], rank: int, world_size: int) -> list[str]:
 def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
                    seed: int = 0, progress: bool = True, cache_bytes: int | None = None,
                    workers: int | None = None, checkpoints=None, timeout_s: float | None = None,
-                   on_epoch: Callable[[TrainResult], None] | None = None) -> TrainResult:
+                   on_epoch: Callable[[TrainResult], None] | None = None,
+                   should_stop: Callable[[TrainResult], bool] | None = None) -> TrainResult:
     """Train one grid point on the train and validation rows of ``split_table``.
 
     ``photos`` maps id to encoded photo: a run's shards (``bincount.data.shards.Photos``) or a
@@ -580,7 +607,7 @@ def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, c
     then lets rank 0 write what is written once, and calls
     ``bincount.model.distributed.cleanup()``.
 
-    ``checkpoints`` and ``on_epoch``: see :func:`fit`. ``timeout_s``: decoding and training
+    ``checkpoints``, ``on_epoch`` and ``should_stop``: see :func:`fit`. ``timeout_s``: decoding and training
     together may take this long (from when this machine's training lock is taken), then they
     stop with :class:`TrainingTimeout`, which a retry continues from the last checkpoint.
     """
@@ -618,4 +645,5 @@ def train_on_split(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, c
     with nullcontext() if distributed else machine_lock(), time_limit(timeout_s, f"training {cfg.name}"):
         train, val = load("train"), load("val")
         return fit(cfg, train, val, num_classes=len(classes), seed=seed, device=device, progress=progress,
-                   val_order=list(rows["val"]["id"]), checkpoints=checkpoints, on_epoch=on_epoch)
+                   val_order=list(rows["val"]["id"]), checkpoints=checkpoints, on_epoch=on_epoch,
+                   should_stop=should_stop)

@@ -1,0 +1,40 @@
+"""The flow's side of a hyperparameter search: the trials a train task draws from and records to,
+and the trials of an earlier run that a ``--warm-start`` learns from."""
+
+from __future__ import annotations
+
+from bincount.flow.runs import RunNotFound, get_run
+
+
+def trial_settings(flow, current, compute) -> dict:
+    """Keyword arguments of :func:`bincount.model.trials.grid_point` for the running train task."""
+    from bincount.flow.storage import trials_for
+    from bincount.model.grid import grid_search
+    from bincount.model.train import machine_lock
+
+    grid = flow.grid.to_dict()
+    search = grid_search(grid)
+    return {"defaults": grid.get("defaults", {}), "search": search,
+            "store": trials_for(flow, current, flow.warm_trials) if search else None,
+            "run_id": current.run_id,
+            # On one machine an adaptive trial draws once it holds the training lock: after the trials
+            # before it have finished. A SageMaker job trains elsewhere, so no lock there.
+            "lock": None if compute.compute == "sagemaker" else machine_lock}
+
+
+def warm_trials(run_id: str, search) -> list[dict]:
+    """The trials of run ``run_id``'s search (its join's ``search_trials``) that lie in ``search``'s
+    space, as records; the start step keeps them for every trial to learn from."""
+    from bincount.model.search import TrialRecord, fitting
+
+    run = get_run(run_id)
+    try:
+        records = run["join"].task.data.search_trials
+    except (KeyError, AttributeError):
+        raise RunNotFound(f"--warm-start {run_id}: run {run.pathspec} has no search_trials (it searched "
+                          "nothing, or did not reach its join)") from None
+    records = [TrialRecord.from_dict({**r, "run_id": r.get("run_id") or run_id}) for r in records]
+    kept = fitting(records, search)
+    print(f"warm start: {len(kept)} of the {len(records)} trials of run {run_id} lie in this search's space "
+          "and inform its trials", flush=True)
+    return [r.to_dict() for r in kept]
