@@ -116,6 +116,9 @@ class BinCountFlow(FlowSpec):
         self.class_list = parse_classes(self.classes)
         self.grid_points = plan_grid(self.grid.to_dict())  # fixed points, then a search's trials
         search = grid_search(self.grid.to_dict())
+        if search is not None and search.tuner and compute.compute != "sagemaker":
+            raise ValueError("the grid's search has a tuner block, which runs SageMaker's tuner: use it with the "
+                             "sagemaker compute config (--config compute ...), or remove the block")
         if search is not None and search.early_stopping and compute.compute == "sagemaker":
             raise ValueError("the grid's search stops trials early, which runs in the training process; with "
                              "the sagemaker compute config remove search.early_stopping")
@@ -169,14 +172,17 @@ class BinCountFlow(FlowSpec):
     @card(type="blank", id="report")
     @step
     def split(self):
-        """Stratified, seeded train/val/test split."""
+        """Stratified, seeded train/val/test split; where the grid's search has a tuner block, SageMaker's tuner
+        runs the search here, and each of its training jobs becomes a train task that brings its model back."""
         from bincount.data.split import split_counts, split_ids
+        from bincount.flow.search import tuned_trials
 
         self.split_table = split_ids(self.subset["id"].tolist(), self.subset["label"].tolist(),
                                      val_fraction=self.val_fraction, test_fraction=self.test_fraction,
                                      seed=self.seed)
         self.split_counts = split_counts(self.split_table)
         print(self.split_counts)
+        self.grid_points = self.grid_points + tuned_trials(self, current)  # SageMaker's tuner, where the grid asks
         cards.split_card(current.card, self)
         self.next(self.train, foreach="grid_points")
 
@@ -207,7 +213,8 @@ class BinCountFlow(FlowSpec):
                                       job_prefix=f"{current.flow_name}-{current.run_id}-{current.task_id}",
                                       checkpoints=checkpoints_for(self, current, cfg.name),
                                       on_epoch=cards.train_progress(current.card, cfg.epochs),
-                                      should_stop=point.stopping, log=cards.job_progress(current.card, cfg.name))
+                                      should_stop=point.stopping, job=self.input.get("job"),
+                                      log=cards.job_progress(current.card, cfg.name))
                 point.finish(result)
             for name, value in result.to_artifacts().items():  # scores, history, state_dict
                 setattr(self, name, value)

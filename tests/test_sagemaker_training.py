@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from bincount.data.shards import samples_in
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
 from bincount.sagemaker.training import (CONTAINER_REQUIREMENTS, NAME_BASE_MAX, SageMakerTrainingError,
-                                         SageMakerTrainingSettings, aws_session, build_source_dir, finish_training_job,
+                                         SageMakerTrainingSettings, adopt_training_job, aws_session, build_source_dir, finish_training_job,
                                          job_base_name, launch_training_job, settings_from_config, train_on_sagemaker,
                                          wait_for_job)
 from bincount.sagemaker.training_job import (TrainingJobError, encode_hyperparameters, hyperparameters_from_args,
@@ -462,6 +463,23 @@ def test_launched_job_trains_from_s3_and_its_model_comes_back(aws, tiny_data, tm
     assert (outcome.job_name, outcome.model_artifacts, outcome.channel_uri) == \
         (launched.name, artifacts, launched.channel_uri)
     assert lines[0].startswith(f"training job {launched.name}: Completed")
+    # A job someone else started (a tuning job's trial) comes back the same way, by its name alone.
+    adopted = adopt_training_job(launched.name, settings(instance_type="ml.m5.xlarge"), session=aws, poll_s=0,
+                                 log=lambda _: None)
+    assert adopted.result == outcome.result and adopted.model_artifacts == artifacts
+
+    # What SageMaker's tuner reads from this job's log: each epoch's validation accuracy (what its early
+    # stopping compares), and last the best epoch's (the job's final objective value, the weights it keeps).
+    from bincount.sagemaker.tuning import METRIC_DEFINITIONS, OBJECTIVE
+
+    regex = {m["Name"]: re.compile(m["Regex"]) for m in METRIC_DEFINITIONS}
+    log = done.stdout + done.stderr
+    accuracies = [float(m.group(1)) for m in regex[OBJECTIVE].finditer(log)]
+    epochs = [round(row["val_accuracy"], 3) for row in outcome.result.history]
+    assert accuracies[:len(epochs)] == epochs and len(accuracies) == len(epochs) + 1
+    assert accuracies[-1] == round(outcome.result.val_accuracy, 3)
+    losses = [float(m.group(1)) for m in regex["validation:loss"].finditer(log)]
+    assert losses == [round(row["val_loss"], 3) for row in outcome.result.history]
 
 
 def test_run_shards_already_in_s3_are_read_in_place_not_uploaded_again(aws, tiny_data, tmp_path):
@@ -695,3 +713,83 @@ def test_container_requirements_are_the_project_pins():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert set(CONTAINER_REQUIREMENTS) <= set(pins)
+
+
+# --- the search handed to SageMaker's tuner (bincount.sagemaker.tuning) ------------------------
+
+TUNED_SPACE = {"lr": {"loguniform": [1e-4, 1e-2]}, "epochs": {"int": [1, 3]}, "batch_size": {"choice": [8, 16]},
+               "transpose": {"choice": [True, False]}}
+
+
+def tuned_search(**tuner):
+    from bincount.model.search import parse_search, train_fields
+
+    return parse_search({"space": TUNED_SPACE, "trials": 6, "seed": 3,
+                         "tuner": {"max_parallel_jobs": 3, "early_stopping": True, **tuner}},
+                        TINY.as_dict(), train_fields())
+
+
+def test_a_search_becomes_a_sagemaker_tuning_job_over_the_same_training_job(aws, tiny_data):
+    """What moto records of CreateHyperParameterTuningJob: moto runs no training job for it and lacks
+    ListTrainingJobsForHyperParameterTuningJob, so bringing trials back is tested by its parts
+    (decode_tuned here, adopt_training_job above) and not end to end."""
+    from bincount.sagemaker.tuning import METRIC_DEFINITIONS, launch_tuning_job, wait_for_tuning_job
+
+    images, table = tiny_data
+    sm, s3 = aws.client("sagemaker"), aws.client("s3")
+    lines = []
+    name = launch_tuning_job(tuned_search(), TINY, images, table, CLASSES, seed=SEED, settings=settings(),
+                             job_prefix=f"bincount-{uuid.uuid4().hex[:6]}-tune", session=aws, log=lines.append)
+    job = sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    config = job["HyperParameterTuningJobConfig"]
+    assert len(name) <= 32 and lines[-1].startswith(f"started SageMaker hyperparameter tuning job {name}: 6 trials")
+    assert config["Strategy"] == "Bayesian" and config["TrainingJobEarlyStoppingType"] == "Auto"
+    assert config["RandomSeed"] == 3
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 3}
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "validation:accuracy"}
+    ranges = config["ParameterRanges"]
+    assert ranges["ContinuousParameterRanges"] == [{"Name": "lr", "MinValue": "0.0001", "MaxValue": "0.01",
+                                                    "ScalingType": "Logarithmic"}]
+    assert [(r["Name"], r["MinValue"], r["MaxValue"]) for r in ranges["IntegerParameterRanges"]] == [("epochs", "1", "3")]
+    assert {r["Name"]: r["Values"] for r in ranges["CategoricalParameterRanges"]} == {
+        "batch_size": ["8", "16"], "transpose": ["true", "false"]}
+    definition = job["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    static = definition["StaticHyperParameters"]
+    # the grid's defaults are the static hyperparameters; what is searched is the tuner's to set
+    assert not set(TUNED_SPACE) & set(static)
+    assert static["arch"] == "resnet18" and static["image_size"] == "64" and static["classes"] == "[1, 2, 3]"
+    assert "CheckpointConfig" not in definition  # one definition for every trial: no folder of its own
+    channel = next(c for c in definition["InputDataConfig"] if c["ChannelName"] == "train")
+    uploaded = objects(s3, channel["DataSource"]["S3DataSource"]["S3Uri"].split(f"s3://{BUCKET}/")[1])
+    assert "split.csv" in uploaded and any(k.startswith("shards/") for k in uploaded)
+    # moto answers Completed at once; the wait reports the job counts and returns
+    waited = []
+    assert wait_for_tuning_job(sm, name, timeout_s=5, poll_s=0, log=waited.append)[
+        "HyperParameterTuningJobStatus"] == "Completed"
+    assert waited[0].startswith(f"tuning job {name}: Completed, training jobs")
+
+
+def test_a_tuning_job_s_values_come_back_as_the_search_s_values():
+    from bincount.sagemaker.tuning import decode_tuned, encode_value
+
+    search = tuned_search()
+    # TunedHyperParameters as SageMaker returns them: text, categorical values as sent
+    tuned = {"lr": "0.0031622776601683794", "epochs": "2", "batch_size": encode_value(16), "transpose": "true"}
+    assert decode_tuned(search, tuned) == {"lr": 0.0031622776601683794, "epochs": 2, "batch_size": 16,
+                                           "transpose": True}
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"strategy": "tpe"}, "with a tuner block SageMaker's tuner draws"),
+    ({"early_stopping": {}}, "with a tuner block"),
+    ({"tuner": {"strategy": "Grid"}}, "strategy = 'Grid'"),
+    ({"tuner": {"max_parallel_jobs": 0}}, "max_parallel_jobs = 0"),
+    ({"tuner": {"early_stopping": "Auto"}}, "early_stopping = 'Auto'"),
+])
+def test_a_bad_tuner_block_is_refused(block, message):
+    from bincount.model.search import parse_search, train_fields
+    from bincount.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_search({"space": TUNED_SPACE, "trials": 4, "tuner": {}, **block}, TINY.as_dict(), train_fields())

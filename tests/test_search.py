@@ -306,3 +306,16 @@ def test_an_adaptive_search_warm_starts_from_an_earlier_run_s_trials(random_sear
     # every trial learnt from the warm start's four; the second to draw from the first's score too
     assert [t["informed_by"] for t in trials] == [4, 5]
     assert sorted(t["name"] for t in trials) == ["tpe-00", "tpe-01"]
+
+
+@pytest.mark.flow
+def test_a_tuner_block_without_sagemaker_compute_fails_at_start(tmp_path):
+    from conftest import run_flow
+
+    block = {"space": {"lr": {"loguniform": [1e-4, 1e-2]}}, "trials": 2, "tuner": {"max_parallel_jobs": 2}}
+    path, _ = search_grid(tmp_path, "tuner", block)
+    finished = run_flow(grid=path, source="synthetic", per_class=4, deploy_target="none")
+    assert finished.status == "failed"
+    assert "has a tuner block, which runs SageMaker's tuner: use it with the sagemaker compute config" \
+        in finished.output
+    assert [step.id for step in finished.run] == ["start"]  # nothing fetched, nothing trained

@@ -176,14 +176,19 @@ def check_decorator_arguments(engine: str, kwargs: dict) -> None:
 
 def train_branch(compute, cfg, photos: Mapping[str, bytes], split_table, classes: list[int], *, seed: int,
                  job_prefix: str, cache_bytes: int | None = None, checkpoints=None, on_epoch=None,
-                 should_stop=None, log=print):
+                 should_stop=None, job: str | None = None, log=print):
     """Train one grid point where the compute config says: in this process (local, and on
     Batch or Kubernetes, where this process already is the remote task, reading the run's
     shards from S3) or as a SageMaker job. ``cache_bytes``, ``checkpoints`` and ``on_epoch``:
     see ``train_on_split`` (a SageMaker job checkpoints to S3 itself, and starts from
     ``checkpoints``' last state); ``log`` takes a SageMaker job's status and log lines.
-    ``should_stop``: early stopping, which runs in the training process, so not in a SageMaker job."""
+    ``should_stop``: early stopping, which runs in the training process, so not in a SageMaker job.
+    ``job``: a SageMaker training job that already ran this point (a tuning job's trial): bring it back."""
     compute = compute if isinstance(compute, ComputeConfig) else ComputeConfig.from_dict(compute)
+    if job is not None:
+        from bincount.sagemaker.training import adopt_training_job
+
+        return adopt_training_job(job, compute.sagemaker_settings(), log=log).result
     if compute.compute == "sagemaker":
         if should_stop is not None:
             raise ValueError("early stopping runs in the training process and a SageMaker job is another "

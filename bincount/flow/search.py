@@ -38,3 +38,23 @@ def warm_trials(run_id: str, search) -> list[dict]:
     print(f"warm start: {len(kept)} of the {len(records)} trials of run {run_id} lie in this search's space "
           "and inform its trials", flush=True)
     return [r.to_dict() for r in kept]
+
+
+def tuned_trials(flow, current) -> list[dict]:
+    """Where the grid's search has a tuner block: run it as a SageMaker tuning job on the run's
+    training and validation photos, and return its trials as train foreach items; else nothing."""
+    from bincount.flow.compute import ComputeConfig
+    from bincount.flow.runs import photos_in
+    from bincount.model.grid import grid_search
+
+    grid = flow.grid.to_dict()
+    search = grid_search(grid)
+    if search is None or search.tuner is None:
+        return []
+    from bincount.sagemaker.tuning import tune_on_sagemaker
+
+    compute = ComputeConfig.from_dict(flow.compute.to_dict())
+    return tune_on_sagemaker(search, grid.get("defaults", {}), photos_in(flow), flow.split_table, flow.class_list,
+                             seed=flow.seed, settings=compute.sagemaker_settings(),
+                             job_prefix=f"{current.flow_name}-{current.run_id}-tune",
+                             cache_bytes=int(flow.cache_mb * 2**20))

@@ -140,12 +140,14 @@ def plan_grid(grid: dict) -> list[dict]:
     Each item is ``{"name", "config", "trial", "params"}``: a fixed point has its config and no
     trial; a trial of a random or quasi-random search has its drawn values (``params``) and its
     config; a trial of an adaptive search (tpe) has neither yet: it draws them when it starts.
+    A search handed to SageMaker's tuner adds its trials after the tuning job has run them
+    (bincount.sagemaker.tuning.tuning_trials, which also names each trial's ``job``).
     """
     from bincount.model.search import expand_trials, trial_config
 
     items = [{"name": c.name, "config": c.as_dict(), "trial": None, "params": None} for c in fixed_points(grid)]
     search = grid_search(grid)
-    if search is not None:
+    if search is not None and search.tuner is None:  # a tuner's trials are known once it has run them
         drawn = expand_trials(search) if search.expanded else [None] * search.trials
         defaults = grid.get("defaults", {})
         for index, params in enumerate(drawn):

@@ -25,6 +25,9 @@ Strategies:
   ``startup_trials`` are drawn at random, like a first batch; after that each draw models the
   scores so far. Trials still running count as scoring badly where they are (``constant_liar``),
   so trials that start together do not all draw the same values.
+
+With a ``tuner`` block (and the sagemaker compute config) SageMaker's own tuner draws and
+stops the trials instead: bincount.sagemaker.tuning.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from bincount.validation import STRICT, ConfigError, build
 RANGE_KINDS = ("loguniform", "uniform", "int", "choice")
 STRATEGIES = ("random", "quasi-random", "tpe")
 EXPANDED = ("random", "quasi-random")  # drawn when the flow starts; tpe draws as trials start
-SEARCH_KEYS = ("space", "trials", "strategy", "seed", "startup_trials", "early_stopping", "prefix")
 
 
 @checked(frozen=True, config=STRICT)
@@ -58,6 +60,16 @@ class EarlyStopping:
 
 
 @checked(frozen=True, config=STRICT)
+class TunerConfig:
+    """Hand the search to SageMaker's own tuner (bincount.sagemaker.tuning; the sagemaker compute config)."""
+
+    max_parallel_jobs: Annotated[int, Field(ge=1)] = 2
+    strategy: Literal["Bayesian", "Random", "Hyperband"] = "Bayesian"
+    early_stopping: bool = False  # SageMaker's "Auto": it stops jobs that trail the median
+    max_runtime_s: Annotated[int, Field(ge=60)] | None = None  # the whole tuning job
+
+
+@checked(frozen=True, config=STRICT)
 class SearchFile:
     """The ``search`` block as written (its space and early_stopping are checked on their own)."""
 
@@ -68,6 +80,7 @@ class SearchFile:
     startup_trials: Annotated[int, Field(ge=1)] | None = None  # tpe: drawn at random before it models
     early_stopping: dict | None = None
     prefix: Annotated[str, Field(min_length=1)] = "trial"  # trials are named <prefix>-00, <prefix>-01, ...
+    tuner: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class Search:
     startup_trials: int
     early_stopping: EarlyStopping | None
     prefix: str
+    tuner: TunerConfig | None = None
 
     @property
     def distributions(self) -> dict:
@@ -88,7 +102,7 @@ class Search:
 
     @property
     def expanded(self) -> bool:
-        return self.strategy in EXPANDED
+        return self.strategy in EXPANDED and self.tuner is None
 
     def trial_name(self, index: int) -> str:
         return f"{self.prefix}-{index:0{max(2, len(str(self.trials - 1)))}d}"
@@ -148,9 +162,14 @@ def parse_search(block, defaults: dict, train_fields: set[str]) -> Search:
         raise ConfigError(f"grid search space: unknown hyperparameters {unknown}; known: {searchable}")
     stopping = (build(EarlyStopping, f.early_stopping, "grid search early_stopping")
                 if f.early_stopping is not None else None)
+    tuner = build(TunerConfig, f.tuner, "grid search tuner") if f.tuner is not None else None
+    local_only = sorted({"strategy", "startup_trials", "early_stopping"} & set(block))
+    if tuner is not None and local_only:
+        raise ConfigError(f"grid search: {local_only} are bincount's own search settings; with a tuner block "
+                          "SageMaker's tuner draws and stops the trials (tuner.strategy, tuner.early_stopping)")
     search = Search(space=dict(f.space), trials=f.trials, strategy=f.strategy, seed=f.seed,
                     startup_trials=f.startup_trials or max(2, min(10, f.trials // 3)),
-                    early_stopping=stopping, prefix=f.prefix)
+                    early_stopping=stopping, prefix=f.prefix, tuner=tuner)
     for name, dist in search.distributions.items():
         for value in _extremes(dist):
             trial_config({**defaults, name: value}, {}, f"search space {name!r} at {value!r}")

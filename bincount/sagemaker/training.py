@@ -267,8 +267,9 @@ class TrainingJobOutcome:
 
 
 def make_trainer(settings: SageMakerTrainingSettings, session, *, base: str, branch: str, source_dir: Path,
-                 hyperparameters: dict[str, str], checkpoint_uri: str):
-    """The ModelTrainer for one branch (nothing is sent until ``train``)."""
+                 hyperparameters: dict[str, str], checkpoint_uri: str | None):
+    """The ModelTrainer for one branch (nothing is sent until ``train``). ``checkpoint_uri`` None: no
+    checkpoints (a tuning job's trials share one job definition, so they could only share one folder)."""
     from sagemaker.core.helper.session_helper import Session
     from sagemaker.core.training.configs import (CheckpointConfig, Compute, OutputDataConfig, SourceCode,
                                                  StoppingCondition)
@@ -298,9 +299,10 @@ def make_trainer(settings: SageMakerTrainingSettings, session, *, base: str, bra
         # SageMaker copies checkpoint_uri into local_path when a job (re)starts, and what is
         # written there back to S3: a job restarted after a spot interruption goes on from its
         # last epoch. The entry point learns the folder from the environment.
-        checkpoint_config=CheckpointConfig(s3_uri=checkpoint_uri, local_path=CHECKPOINT_LOCAL_PATH),
+        checkpoint_config=CheckpointConfig(s3_uri=checkpoint_uri, local_path=CHECKPOINT_LOCAL_PATH)
+        if checkpoint_uri else None,
         environment={"PYTHONUNBUFFERED": "1",  # log lines reach CloudWatch as they are printed
-                     CHECKPOINT_DIR_ENV: CHECKPOINT_LOCAL_PATH},
+                     **({CHECKPOINT_DIR_ENV: CHECKPOINT_LOCAL_PATH} if checkpoint_uri else {})},
     )
 
 
@@ -520,6 +522,19 @@ def finish_training_job(launched: LaunchedJob, *, session=None, poll_s: float = 
                               model_artifacts=artifacts, channel_uri=launched.channel_uri,
                               training_seconds=job.get("TrainingTimeInSeconds"),
                               billable_seconds=job.get("BillableTimeInSeconds"))
+
+
+def adopt_training_job(job_name: str, settings, *, session=None, poll_s: float = 30,
+                       log: Callable[[str], None] = print) -> TrainingJobOutcome:
+    """A training job someone else started (a tuning job's trial): wait for it if it still runs, and
+    bring its model back as :func:`finish_training_job` does for a job of our own."""
+    settings = settings_from_config(settings)
+    session = session or aws_session(settings.region)
+    job = _aws_call(f"checking training job {job_name}", session.client("sagemaker").describe_training_job,
+                    TrainingJobName=job_name)
+    launched = LaunchedJob(name=job_name, channel_uri="", shards_uri=None, checkpoint_uri="",
+                           output_path=(job.get("OutputDataConfig") or {}).get("S3OutputPath", ""), settings=settings)
+    return finish_training_job(launched, session=session, poll_s=poll_s, log=log)
 
 
 def run_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
