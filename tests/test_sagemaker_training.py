@@ -722,11 +722,10 @@ TUNED_SPACE = {"lr": {"loguniform": [1e-4, 1e-2]}, "epochs": {"int": [1, 3]}, "b
 
 
 def tuned_search(**tuner):
-    from bincount.model.search import parse_search, train_fields
+    from bincount.model.grid import grid_search
 
-    return parse_search({"space": TUNED_SPACE, "trials": 6, "seed": 3,
-                         "tuner": {"max_parallel_jobs": 3, "early_stopping": True, **tuner}},
-                        TINY.as_dict(), train_fields())
+    return grid_search({"defaults": TINY.as_dict(), "search": {
+        "space": TUNED_SPACE, "trials": 6, "seed": 3, "tuner": {"max_parallel_jobs": 3, "early_stopping": True, **tuner}}})
 
 
 def test_a_search_becomes_a_sagemaker_tuning_job_over_the_same_training_job(aws, tiny_data):
@@ -788,8 +787,8 @@ def test_a_tuning_job_s_values_come_back_as_the_search_s_values():
     ({"tuner": {"early_stopping": "Auto"}}, "early_stopping = 'Auto'"),
 ])
 def test_a_bad_tuner_block_is_refused(block, message):
-    from bincount.model.search import parse_search, train_fields
+    from bincount.model.grid import grid_search
     from bincount.validation import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        parse_search({"space": TUNED_SPACE, "trials": 4, "tuner": {}, **block}, TINY.as_dict(), train_fields())
+        grid_search({"defaults": TINY.as_dict(), "search": {"space": TUNED_SPACE, "trials": 4, "tuner": {}, **block}})

@@ -5,9 +5,8 @@ import math
 
 import pytest
 
-from bincount.model.grid import TrainConfig, expand_grid, plan_grid
-from bincount.model.search import (EarlyStopping, TrialRecord, expand_trials, parse_search, should_stop, suggest,
-                                   train_fields)
+from bincount.model.grid import TrainConfig, expand_grid, grid_search, plan_grid
+from bincount.model.search import EarlyStopping, TrialRecord, expand_trials, should_stop, suggest
 from bincount.model.trials import TrialStore, grid_point
 from bincount.validation import ConfigError
 
@@ -17,7 +16,7 @@ DEFAULTS = {"arch": "efficientnet_lite0", "epochs": 4}
 
 
 def search(**block):
-    return parse_search({"space": SPACE, "trials": 16, **block}, DEFAULTS, train_fields())
+    return grid_search({"defaults": DEFAULTS, "search": {"space": SPACE, "trials": 16, **block}})
 
 
 @pytest.mark.parametrize("strategy", ["random", "quasi-random"])
@@ -118,7 +117,7 @@ LR_ONLY = {"space": {"lr": {"loguniform": [1e-5, 1e-1]}}, "trials": 12, "strateg
 
 
 def test_the_adaptive_strategy_draws_from_the_scores_of_the_trials_before():
-    tpe = parse_search(LR_ONLY, {}, train_fields())
+    tpe = grid_search({"search": LR_ONLY})
     first_batch = [1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1]
     low_wins = records({lr: 0.9 - 0.1 * k for k, lr in enumerate(first_batch)})
     high_wins = records({lr: 0.4 + 0.1 * k for k, lr in enumerate(first_batch)})
@@ -134,7 +133,7 @@ def test_the_adaptive_strategy_draws_from_the_scores_of_the_trials_before():
 
 
 def test_running_and_failed_trials_inform_no_score():
-    tpe = parse_search(LR_ONLY, {}, train_fields())
+    tpe = grid_search({"search": LR_ONLY})
     finished = records({1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.4, 1e-1: 0.2})
     running = [TrialRecord(name="r", index=9, params={"lr": 1e-3})]
     failed = [TrialRecord(name="f", index=8, params={"lr": 1e-5}, status="failed")]
@@ -143,7 +142,7 @@ def test_running_and_failed_trials_inform_no_score():
 
 
 def test_early_stopping_stops_a_trial_below_the_median_of_the_finished_ones():
-    space = parse_search(LR_ONLY, {}, train_fields())
+    space = grid_search({"search": LR_ONLY})
     finished = records({1e-4: 0.50, 1e-3: 0.60, 1e-2: 0.40})
     rule = EarlyStopping(warmup_epochs=1, min_trials=3)
     assert should_stop(rule, space, {"lr": 3e-5}, [0.30], finished)  # median after epoch 1 is 0.5
@@ -160,7 +159,7 @@ def test_early_stopping_stops_a_trial_below_the_median_of_the_finished_ones():
 def test_a_warm_start_keeps_only_trials_in_this_search_s_space():
     from bincount.model.search import fitting
 
-    space = parse_search(LR_ONLY, {}, train_fields())
+    space = grid_search({"search": LR_ONLY})
     kept = fitting(records({1e-3: 0.5, 5.0: 0.9}) + [TrialRecord("x", 9, {"lr": 1e-3, "epochs": 2}, "complete", 0.1)],
                    space)
     assert [r.params for r in kept] == [{"lr": 1e-3}]
@@ -177,7 +176,7 @@ class Result:
 
 def test_a_trial_records_its_values_and_outcome_and_a_retry_keeps_its_values(tmp_path):
     grid = {"defaults": {"pretrained": False, "epochs": 3}, "search": LR_ONLY}
-    tpe = parse_search(LR_ONLY, grid["defaults"], train_fields())
+    tpe = grid_search(grid)
     store = TrialStore(str(tmp_path / "run1"))
     item = plan_grid(grid)[5]
     with pytest.raises(RuntimeError), grid_point(item, defaults=grid["defaults"], search=tpe, store=store) as point:

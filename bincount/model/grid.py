@@ -98,13 +98,20 @@ def select_config(grid: dict) -> SelectConfig:
     return build(SelectConfig, select, "grid select")
 
 
+def trial_config(defaults: dict, values: dict, where: str) -> TrainConfig:
+    """A search trial's settings: the grid's defaults updated by its values (and its name)."""
+    return build(TrainConfig, {"name": "trial", **defaults, **values}, where)
+
+
 def grid_search(grid: dict):
     """The grid's ``search`` block, checked (a :class:`bincount.model.search.Search`), or None."""
-    from bincount.model.search import parse_search, train_fields
+    from bincount.model.search import parse_search
 
     if "search" not in grid:
         return None
-    return parse_search(grid["search"], grid.get("defaults", {}), train_fields())
+    defaults = grid.get("defaults", {})
+    return parse_search(grid["search"], {f.name for f in fields(TrainConfig)} - {"name"},
+                        lambda values, where: trial_config(defaults, values, where))
 
 
 def fixed_points(grid: dict) -> list[TrainConfig]:
@@ -143,7 +150,7 @@ def plan_grid(grid: dict) -> list[dict]:
     A search handed to SageMaker's tuner adds its trials after the tuning job has run them
     (bincount.sagemaker.tuning.tuning_trials, which also names each trial's ``job``).
     """
-    from bincount.model.search import expand_trials, trial_config
+    from bincount.model.search import expand_trials
 
     items = [{"name": c.name, "config": c.as_dict(), "trial": None, "params": None} for c in fixed_points(grid)]
     search = grid_search(grid)

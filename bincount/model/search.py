@@ -9,7 +9,8 @@ A grid's ``search`` block, beside (or instead of) its fixed points::
                "trials": 12, "strategy": "tpe", "seed": 0,
                "early_stopping": {"rule": "median", "warmup_epochs": 2}}
 
-Each trial is the grid's defaults updated by its sampled values, validated like a fixed point.
+Each trial is the grid's defaults updated by its sampled values, validated like a fixed point
+(bincount.model.grid, which reads this block: this module knows ranges, not training settings).
 The samplers and the stopping rule are Optuna's (``RandomSampler``, ``QMCSampler``,
 ``TPESampler``, ``MedianPruner``); bincount keeps the trials themselves, as small JSON
 records (:class:`TrialRecord`) in the run's own storage, and rebuilds an in-memory Optuna
@@ -35,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Literal
 
@@ -148,18 +150,18 @@ def distribution(name: str, spec):
     return FloatDistribution(float(low), float(high), log=kind == "loguniform")
 
 
-def parse_search(block, defaults: dict, train_fields: set[str]) -> Search:
-    """The grid's ``search`` block, checked: its keys and types, each range, and that the values at
-    both ends of every range (and every choice) make a valid trial with the grid's defaults."""
+def parse_search(block, searchable: set[str], check: Callable[[dict, str], object]) -> Search:
+    """The grid's ``search`` block, checked: its keys and types, each range (``searchable`` names the
+    training keys a range may be given for), and, through ``check(values, where)`` (which raises for
+    values that make no valid trial with the grid's defaults), both ends of every range and every choice."""
     if not isinstance(block, dict):
         raise ConfigError(f"grid: search must be an object {{...}}, got {block!r}")
     f = build(SearchFile, block, "grid search")
     if not f.space:
         raise ConfigError("grid search: space is empty; name at least one hyperparameter and its range")
-    searchable = sorted(train_fields - {"name"})
     unknown = sorted(set(f.space) - set(searchable))
     if unknown:
-        raise ConfigError(f"grid search space: unknown hyperparameters {unknown}; known: {searchable}")
+        raise ConfigError(f"grid search space: unknown hyperparameters {unknown}; known: {sorted(searchable)}")
     stopping = (build(EarlyStopping, f.early_stopping, "grid search early_stopping")
                 if f.early_stopping is not None else None)
     tuner = build(TunerConfig, f.tuner, "grid search tuner") if f.tuner is not None else None
@@ -172,7 +174,7 @@ def parse_search(block, defaults: dict, train_fields: set[str]) -> Search:
                     early_stopping=stopping, prefix=f.prefix, tuner=tuner)
     for name, dist in search.distributions.items():
         for value in _extremes(dist):
-            trial_config({**defaults, name: value}, {}, f"search space {name!r} at {value!r}")
+            check({name: value}, f"search space {name!r} at {value!r}")
     return search
 
 
@@ -180,19 +182,6 @@ def _extremes(dist) -> list:
     from optuna.distributions import CategoricalDistribution
 
     return list(dist.choices) if isinstance(dist, CategoricalDistribution) else [dist.low, dist.high]
-
-
-def trial_config(defaults: dict, params: dict, where: str):
-    """A trial's TrainConfig: the grid's defaults updated by its values (and its name)."""
-    from bincount.model.grid import TrainConfig
-
-    return build(TrainConfig, {"name": "trial", **defaults, **params}, where)
-
-
-def train_fields() -> set[str]:
-    from bincount.model.grid import TrainConfig
-
-    return {f.name for f in fields(TrainConfig)}
 
 
 # --- drawing values -----------------------------------------------------------------

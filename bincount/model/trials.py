@@ -18,13 +18,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from bincount.data.blobs import join, list_blobs, read_blob, write_blob
-from bincount.model.search import (
-    Search,
-    TrialRecord,
-    should_stop,
-    suggest,
-    trial_config,
-)
+from bincount.model.grid import trial_config
+from bincount.model.search import Search, TrialRecord, should_stop, suggest
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def tuning_trials(sagemaker, name: str, search, defaults: dict) -> list[dict]:
     """Every training job of the tuning job as a train foreach item (bincount.model.grid.plan_grid's
     shape, plus ``job``): named ``<prefix>-NN`` in the order SageMaker started them, with the values
     the tuner gave it and the grid's defaults."""
-    from bincount.model.search import trial_config
+    from bincount.model.grid import trial_config
 
     pages = sagemaker.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job").paginate(
         HyperParameterTuningJobName=name)
@@ -183,7 +183,7 @@ def tune_on_sagemaker(search, defaults: dict, photos: Mapping[str, bytes], split
                       seed: int, settings, job_prefix: str, cache_bytes: int | None = None, poll_s: float = 60,
                       log: Callable[[str], None] = print) -> list[dict]:
     """Run the search as a SageMaker tuning job, wait for it, and return its trials as foreach items."""
-    from bincount.model.search import trial_config
+    from bincount.model.grid import trial_config
 
     settings = settings_from_config(settings)
     session = aws_session(settings.region)
