@@ -101,7 +101,7 @@ class BinCountFlow(FlowSpec):
         from bincount.data.fetch import parse_classes
         from bincount.flow.compute import ComputeConfig
         from bincount.flow.search import warm_trials
-        from bincount.model.grid import grid_search, plan_grid
+        from bincount.model.grid import plan_grid
 
         if self.deploy_target not in DEPLOY_TARGETS:
             raise ValueError(f"--deploy-target {self.deploy_target!r}: choose one of {DEPLOY_TARGETS}")
@@ -115,16 +115,7 @@ class BinCountFlow(FlowSpec):
             raise ValueError(f"--fetch-tasks {self.fetch_tasks}: need at least 1")
         self.class_list = parse_classes(self.classes)
         self.grid_points = plan_grid(self.grid.to_dict())  # fixed points, then a search's trials
-        search = grid_search(self.grid.to_dict())
-        if search is not None and search.tuner and compute.compute != "sagemaker":
-            raise ValueError("the grid's search has a tuner block, which runs SageMaker's tuner: use it with the "
-                             "sagemaker compute config (--config compute ...), or remove the block")
-        if search is not None and search.early_stopping and compute.compute == "sagemaker":
-            raise ValueError("the grid's search stops trials early, which runs in the training process; with "
-                             "the sagemaker compute config remove search.early_stopping")
-        if self.warm_start and search is None:
-            raise ValueError(f"--warm-start {self.warm_start}: the grid has no search block to warm-start")
-        self.warm_trials = warm_trials(self.warm_start, search) if self.warm_start else []
+        self.warm_trials = warm_trials(self.grid.to_dict(), compute, self.warm_start)  # and checks the search
         self.quota = None if self.file_list else self.per_class  # bins per class; None: every usable one listed
         self.fetch_chunks = fetch_plan(self)
         self.next(self.fetch_subset, foreach="fetch_chunks")

@@ -318,3 +318,27 @@ def test_a_tuner_block_without_sagemaker_compute_fails_at_start(tmp_path):
     assert "has a tuner block, which runs SageMaker's tuner: use it with the sagemaker compute config" \
         in finished.output
     assert [step.id for step in finished.run] == ["start"]  # nothing fetched, nothing trained
+
+
+def test_the_join_card_shows_each_trial_s_values_outcome_and_the_search():
+    import pandas as pd
+
+    from bincount.flow import cards
+
+    results = pd.DataFrame([
+        {"name": "trial-01", "lr": 3e-3, "batch_size": 16, "epochs": 4, "val_accuracy": 0.6, "val_loss": 1.0,
+         "best_epoch": 4, "stopped_after": 0},
+        {"name": "trial-00", "lr": 1e-4, "batch_size": 8, "epochs": 4, "val_accuracy": 0.4, "val_loss": 1.3,
+         "best_epoch": 1, "stopped_after": 2},
+        {"name": "trial-02", "lr": 1e-2, "batch_size": 8, "epochs": 4, "val_accuracy": 0.5, "val_loss": 1.2,
+         "best_epoch": 3, "stopped_after": 0}])
+    table = cards.grid_table(results, "trial-01")
+    assert list(table["outcome"]) == ["every epoch", "stopped after epoch 2 of 4", "every epoch"]
+    assert {"lr", "batch_size"} <= set(table.columns) and "epochs" not in table.columns  # what varies
+    assert cards.parallel_coordinates(results, "trial-01", {"lr"}) is not None
+    assert cards.parallel_coordinates(results[["name", "lr", "val_accuracy"]], "trial-01") is None  # one axis
+    search = grid_search({"search": {**LR_ONLY, "early_stopping": {"warmup_epochs": 2}}})
+    trials = [{"status": "complete"}, {"status": "stopped"}, {"status": "complete"}, {"status": "failed"}]
+    text = cards.search_text(search, trials, [{"run_id": "17"}] * 5)
+    assert "**tpe**, 12 trials over lr" in text and "2 trained every epoch, 1 stopped early" in text
+    assert "1 failed" in text and "Warm-started from 5 trials of run 17" in text

@@ -22,20 +22,33 @@ def trial_settings(flow, current, compute) -> dict:
             "lock": None if compute.compute == "sagemaker" else machine_lock}
 
 
-def warm_trials(run_id: str, search) -> list[dict]:
-    """The trials of run ``run_id``'s search (its join's ``search_trials``) that lie in ``search``'s
-    space, as records; the start step keeps them for every trial to learn from."""
+def warm_trials(grid: dict, compute, warm_start: str) -> list[dict]:
+    """Check that the grid's search can run with this compute config and ``--warm-start``; return
+    the trials of run ``warm_start``'s search (its join's ``search_trials``) that lie in this
+    search's space, as records, for every trial to learn from."""
+    from bincount.model.grid import grid_search
     from bincount.model.search import TrialRecord, fitting
 
-    run = get_run(run_id)
+    search = grid_search(grid)
+    if search is not None and search.tuner and compute.compute != "sagemaker":
+        raise ValueError("the grid's search has a tuner block, which runs SageMaker's tuner: use it with the "
+                         "sagemaker compute config (--config compute ...), or remove the block")
+    if search is not None and search.early_stopping and compute.compute == "sagemaker":
+        raise ValueError("the grid's search stops trials early, which runs in the training process; with "
+                         "the sagemaker compute config remove search.early_stopping")
+    if not warm_start:
+        return []
+    if search is None:
+        raise ValueError(f"--warm-start {warm_start}: the grid has no search block to warm-start")
+    run = get_run(warm_start)
     try:
         records = run["join"].task.data.search_trials
     except (KeyError, AttributeError):
-        raise RunNotFound(f"--warm-start {run_id}: run {run.pathspec} has no search_trials (it searched "
+        raise RunNotFound(f"--warm-start {warm_start}: run {run.pathspec} has no search_trials (it searched "
                           "nothing, or did not reach its join)") from None
-    records = [TrialRecord.from_dict({**r, "run_id": r.get("run_id") or run_id}) for r in records]
+    records = [TrialRecord.from_dict({**r, "run_id": r.get("run_id") or warm_start}) for r in records]
     kept = fitting(records, search)
-    print(f"warm start: {len(kept)} of the {len(records)} trials of run {run_id} lie in this search's space "
+    print(f"warm start: {len(kept)} of the {len(records)} trials of run {warm_start} lie in this search's space "
           "and inform its trials", flush=True)
     return [r.to_dict() for r in kept]
 
