@@ -40,6 +40,7 @@ import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -328,24 +329,35 @@ def job_checkpoints(checkpoints, settings: SageMakerTrainingSettings, branch: st
     return uri
 
 
-def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
-                        seed: int, settings: SageMakerTrainingSettings, job_prefix: str, session=None,
-                        cache_bytes: int | None = None, checkpoints=None,
-                        log: Callable[[str], None] = print) -> LaunchedJob:
-    """Upload the branch's channel and start its training job; return at once. ``checkpoints``
-    (bincount.model.checkpoint.Checkpoints): the flow's for this grid point (see job_checkpoints)."""
+@dataclass
+class StagedJob:
+    """A branch's channel in S3 and the ModelTrainer that will train on it (bincount's code staged)."""
+
+    trainer: object  # sagemaker.train.ModelTrainer
+    inputs: list  # its InputData channels
+    base: str  # the cleaned job_prefix: the jobs' base name
+    channel_uri: str
+    shards_uri: str | None
+    checkpoint_uri: str | None
+
+
+@contextmanager
+def staged_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *, seed: int,
+               settings: SageMakerTrainingSettings, job_prefix: str, session, cache_bytes: int | None = None,
+               checkpoints=None, checkpointed: bool = True, log: Callable[[str], None] = print):
+    """Upload the branch's channel and build its ModelTrainer with ``cfg`` as the hyperparameters; the
+    staged code lives as long as the block, in which the trainer (or a tuner over it) must start its job.
+    ``checkpointed`` False: no checkpoint folder (a tuning job's trials share one job definition)."""
     from sagemaker.core.training.configs import InputData
 
-    session = session or aws_session(settings.region)
-    s3 = session.client("s3")
     base = job_base_name(job_prefix)
     branch = f"{settings.s3_prefix}/{base}" if settings.s3_prefix else base
     shards_uri = shards_in_s3(photos)
-    checkpoint_uri = job_checkpoints(checkpoints, settings, branch, log)
+    checkpoint_uri = job_checkpoints(checkpoints, settings, branch, log) if checkpointed else None
     with tempfile.TemporaryDirectory(prefix="bincount-sagemaker-") as tmp:
         channel = write_channel(photos, split_table, Path(tmp) / "channel", copy_shards=shards_uri is None)
         count = sum(1 for p in channel.rglob("*") if p.is_file())
-        channel_uri = upload_folder(s3, channel, settings.bucket, f"{branch}/input/{CHANNEL}")
+        channel_uri = upload_folder(session.client("s3"), channel, settings.bucket, f"{branch}/input/{CHANNEL}")
         log(f"uploaded the {cfg.name} channel ({count} files) to {channel_uri}"
             + (f"; the job reads the run's shards where they are, {shards_uri}" if shards_uri else ""))
         inputs = [InputData(channel_name=CHANNEL, data_source=channel_uri)]
@@ -357,16 +369,32 @@ def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_tab
                                hyperparameters=encode_hyperparameters(cfg, seed=seed, classes=classes,
                                                                       cache_bytes=cache_bytes),
                                checkpoint_uri=checkpoint_uri)
+        yield StagedJob(trainer=trainer, inputs=inputs, base=base, channel_uri=channel_uri, shards_uri=shards_uri,
+                        checkpoint_uri=checkpoint_uri)
+
+
+def launch_training_job(cfg: TrainConfig, photos: Mapping[str, bytes], split_table, classes: list[int], *,
+                        seed: int, settings: SageMakerTrainingSettings, job_prefix: str, session=None,
+                        cache_bytes: int | None = None, checkpoints=None,
+                        log: Callable[[str], None] = print) -> LaunchedJob:
+    """Upload the branch's channel and start its training job; return at once. ``checkpoints``
+    (bincount.model.checkpoint.Checkpoints): the flow's for this grid point (see job_checkpoints)."""
+    session = session or aws_session(settings.region)
+    with staged_job(cfg, photos, split_table, classes, seed=seed, settings=settings, job_prefix=job_prefix,
+                    session=session, cache_bytes=cache_bytes, checkpoints=checkpoints, log=log) as staged:
+        trainer = staged.trainer
         # wait=False: the launcher waits itself, with a limit (the SDK's wait has none)
         _aws_call(f"creating the training job for {cfg.name}", trainer.train,
-                  input_data_config=inputs, wait=False, logs=False)
+                  input_data_config=staged.inputs, wait=False, logs=False)
     job = trainer._latest_training_job  # the SDK's handle; its own docs read it this way
     if job is None:
         raise SageMakerTrainingError(f"ModelTrainer.train returned without a training job for {cfg.name}")
     log(f"started SageMaker training job {job.training_job_name} ({settings.instance_count} x "
         f"{settings.instance_type}{', spot' if settings.use_spot else ''}, image {settings.image_uri})")
-    return LaunchedJob(name=job.training_job_name, channel_uri=channel_uri, shards_uri=shards_uri,
-                       checkpoint_uri=checkpoint_uri, output_path=f"s3://{settings.bucket}/{branch}", settings=settings)
+    branch = f"{settings.s3_prefix}/{staged.base}" if settings.s3_prefix else staged.base
+    return LaunchedJob(name=job.training_job_name, channel_uri=staged.channel_uri, shards_uri=staged.shards_uri,
+                       checkpoint_uri=staged.checkpoint_uri, output_path=f"s3://{settings.bucket}/{branch}",
+                       settings=settings)
 
 
 class LogTail:

@@ -26,11 +26,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
-from bincount.sagemaker.training import (CHANNEL, SHARDS_CHANNEL, SageMakerTrainingError, _aws_call, aws_session,
-                                         build_source_dir, job_base_name, make_trainer, settings_from_config,
-                                         shards_in_s3, upload_folder, write_channel)
+from bincount.sagemaker.training import (SageMakerTrainingError, _aws_call, aws_session, settings_from_config,
+                                         staged_job)
 
 OBJECTIVE = "validation:accuracy"
 # SageMaker takes a metric's value from the first group of its regex, on every log line that
@@ -102,35 +100,16 @@ def launch_tuning_job(search, base_cfg, photos: Mapping[str, bytes], split_table
                       log: Callable[[str], None] = print) -> str:
     """Upload the training and validation photos once and start the tuning job; return its name.
     ``base_cfg``: the grid's defaults as a TrainConfig (the static hyperparameters)."""
-    import tempfile
-
-    from sagemaker.core.training.configs import InputData
-
-    from bincount.sagemaker.training_job import encode_hyperparameters
-
     settings = settings_from_config(settings)
     session = session or aws_session(settings.region)
-    base = job_base_name(job_prefix)
-    branch = f"{settings.s3_prefix}/{base}" if settings.s3_prefix else base
-    shards_uri = shards_in_s3(photos)
-    with tempfile.TemporaryDirectory(prefix="bincount-tuning-") as tmp:
-        channel = write_channel(photos, split_table, Path(tmp) / "channel", copy_shards=shards_uri is None)
-        channel_uri = upload_folder(session.client("s3"), channel, settings.bucket, f"{branch}/input/{CHANNEL}")
-        inputs = [InputData(channel_name=CHANNEL, data_source=channel_uri)]
-        if shards_uri:
-            inputs.append(InputData(channel_name=SHARDS_CHANNEL, data_source=shards_uri))
-        trainer = make_trainer(settings, session, base=base, branch=branch,
-                               source_dir=build_source_dir(Path(tmp) / "code",
-                                                           install_requirements=settings.install_requirements),
-                               hyperparameters=encode_hyperparameters(base_cfg, seed=seed, classes=classes,
-                                                                      cache_bytes=cache_bytes),
-                               checkpoint_uri=None)
-        tuner = make_tuner(search, trainer, base=base)
-        _aws_call("creating the hyperparameter tuning job", tuner.tune, inputs=inputs, wait=False)
+    with staged_job(base_cfg, photos, split_table, classes, seed=seed, settings=settings, job_prefix=job_prefix,
+                    session=session, cache_bytes=cache_bytes, checkpointed=False, log=log) as staged:
+        tuner = make_tuner(search, staged.trainer, base=staged.base)
+        _aws_call("creating the hyperparameter tuning job", tuner.tune, inputs=staged.inputs, wait=False)
     name = tuner.latest_tuning_job.hyper_parameter_tuning_job_name
     log(f"started SageMaker hyperparameter tuning job {name}: {search.trials} trials, "
         f"{search.tuner.max_parallel_jobs} at a time, {search.tuner.strategy}"
-        f"{', early stopping' if search.tuner.early_stopping else ''}; photos in {channel_uri}")
+        f"{', early stopping' if search.tuner.early_stopping else ''}; photos in {staged.channel_uri}")
     return name
 
 
