@@ -116,11 +116,7 @@ class Search:
 
 def distribution(name: str, spec):
     """One range of the space as an Optuna distribution; a ConfigError names what is wrong with it."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     where = f"search space {name!r}"
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in RANGE_KINDS:

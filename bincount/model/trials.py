@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bincount.data.blobs import join, list_blobs, read_blob, write_blob
 from bincount.model.grid import trial_config
@@ -61,20 +61,19 @@ class GridPoint:
     record: TrialRecord | None = None
     search: Search | None = None
     store: TrialStore | None = None
-    stopped: list = field(default_factory=list)
 
     def should_stop(self, result) -> bool:
-        """After an epoch: whether this trial's curve so far says stop (the search's early stopping)."""
-        rule = self.search.early_stopping if self.search else None
-        if rule is None or self.record is None:
-            return False
+        """After an epoch: whether this trial's curve so far says stop, judged against the trials
+        finished by now (the others' records are read again each time)."""
         curve = [row["val_accuracy"] for row in result.history]
-        return should_stop(rule, self.search, self.record.params, curve, self.store.history(exclude=self.record.name))
+        return should_stop(self.search.early_stopping, self.search, self.record.params, curve,
+                           self.store.history(exclude=self.record.name))
 
     @property
     def stopping(self):
-        """``should_stop`` where this point may stop early, else None (training then never asks)."""
-        return self.should_stop if self.search is not None and self.search.early_stopping else None
+        """``should_stop`` where this point may stop early (a trial of a search that stops early),
+        else None: training then never asks."""
+        return self.should_stop if self.record is not None and self.search.early_stopping else None
 
     def finish(self, result) -> None:
         if self.record is None:
@@ -114,10 +113,10 @@ def open_point(item: dict, *, defaults: dict, search: Search | None, store: Tria
 @contextmanager
 def grid_point(item: dict, *, defaults: dict, search: Search | None, store: TrialStore | None,
                run_id: str | None = None, lock=None):
-    """:func:`open_point` as a context: a trial that raises is recorded as failed (so no other trial
-    waits on it or learns from it), and the error goes on. ``lock`` (the machine's training lock) is
-    held while an adaptive trial draws, so that on one machine it draws after the trials before it
-    have finished: each then learns from all of them."""
+    """:func:`open_point` as a context: a trial that raises is recorded as failed (no other trial then
+    counts it as still running), and the error goes on. ``lock`` (the machine's training lock) is held
+    from an adaptive trial's draw to its end, so that on one machine each trial draws after the trials
+    before it have finished, and learns from all of them."""
     drawing = item.get("trial") is not None and item.get("params") is None
     with lock() if lock is not None and drawing else nullcontext():
         point = open_point(item, defaults=defaults, search=search, store=store, run_id=run_id)
