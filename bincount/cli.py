@@ -77,6 +77,13 @@ def _cmd_predict(args) -> int:
         from bincount.serving.endpoint import invoke
 
         predictions = [invoke(args.endpoint.rstrip("/"), raw)["predictions"][0] for raw in raws.values()]
+    elif args.endpoint_name:
+        from bincount.sagemaker.endpoint import invoke_sagemaker, make_clients
+
+        from bincount.aws.clients import default_region
+
+        runtime = make_clients(args.region or default_region())["sagemaker-runtime"]
+        predictions = [invoke_sagemaker(runtime, args.endpoint_name, raw, args.content_type) for raw in raws.values()]
     else:
         from bincount.flow.runs import predictor_of
 
@@ -173,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="print counts with probabilities for image files")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--endpoint", help="ask a running endpoint (e.g. http://127.0.0.1:8080) instead of a run")
+    where = predict.add_mutually_exclusive_group()
+    where.add_argument("--endpoint", help="ask a running endpoint (e.g. http://127.0.0.1:8080) instead of a run")
+    where.add_argument("--endpoint-name", help="ask a SageMaker endpoint by name (InvokeEndpoint) instead of a run")
+    predict.add_argument("--region", help="the SageMaker endpoint's region (default: AWS_DEFAULT_REGION, "
+                                          "AWS_REGION, else us-east-1)")
+    predict.add_argument("--content-type", default="image/jpeg", choices=["image/jpeg", "application/json"],
+                         help="how --endpoint-name sends each photo: as it is, or base64 in a JSON body")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_run_choice(predict)
     predict.set_defaults(func=_cmd_predict)

@@ -549,3 +549,30 @@ def test_wait_times_out():
     with pytest.raises(SageMakerDeployError, match=r"not InService on new after 0.3 s \(status Creating\)"):
         wait_in_service(scripted(("Creating", "new")), "new", timeout_s=0.3, poll_s=0.05, log=lambda _: None)
     assert time.monotonic() - start < 5
+
+
+def test_predict_asks_a_sagemaker_endpoint_by_name_and_prints_as_for_a_url(s3_endpoint, monkeypatch, capsys,
+                                                                           tmp_path, synthetic_jpegs):
+    """`bincount predict --endpoint-name` goes through InvokeEndpoint (moto answers what a test queues:
+    it runs no model, so this checks the request, the answer's parsing and the output, not a model)."""
+    from bincount.cli import main
+
+    point_at(s3_endpoint, monkeypatch)
+    photo = tmp_path / "bin.jpg"
+    photo.write_bytes(synthetic_jpegs[3] + uuid.uuid4().bytes)  # a body moto has not cached an answer for
+    prediction = {"count": 3, "probabilities": {"1": 0.1, "2": 0.2, "3": 0.7}, "run_id": "r"}
+    queued = requests.post(f"{s3_endpoint}/moto-api/static/sagemaker/endpoint-results", timeout=10,
+                           json={"results": [{"Body": json.dumps({"predictions": [prediction]}),
+                                              "ContentType": "application/json"}]})
+    assert queued.status_code == 201
+    assert main(["predict", str(photo), "--endpoint-name", "bincount-prod", "--region", "us-east-1",
+                 "--content-type", "application/json", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {str(photo): prediction}
+    # moto's canned answer when nothing is queued is not a prediction: one line that says so
+    photo.write_bytes(synthetic_jpegs[3] + uuid.uuid4().bytes)
+    assert main(["predict", str(photo), "--endpoint-name", "bincount-prod", "--content-type",
+                 "application/json"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "bincount: SageMaker endpoint bincount-prod answered, but not with a bincount prediction: b'body'")
+    with pytest.raises(SystemExit):  # one or the other
+        main(["predict", str(photo), "--endpoint-name", "a", "--endpoint", "http://127.0.0.1:1"])

@@ -271,6 +271,21 @@ def _our_prediction(body: bytes) -> dict | None:
         return None
 
 
+def invoke_sagemaker(runtime, endpoint_name: str, raw: bytes, content_type: str = "image/jpeg") -> dict:
+    """One photo to a SageMaker endpoint through InvokeEndpoint (``runtime``: a sagemaker-runtime
+    client); its prediction, as ``bincount.serving.endpoint.invoke`` gives a local endpoint's.
+    ``content_type`` application/json sends the photo base64 in our JSON request body."""
+    response = _aws_call(f"invoking SageMaker endpoint {endpoint_name}", runtime.invoke_endpoint,
+                         EndpointName=endpoint_name, Body=_request_body(raw, content_type),
+                         ContentType=content_type, Accept="application/json")
+    body = response["Body"].read()
+    prediction = _our_prediction(body)
+    if prediction is None:
+        raise SageMakerDeployError(f"SageMaker endpoint {endpoint_name} answered, but not with a bincount "
+                                   f"prediction: {body[:200]!r}")
+    return prediction
+
+
 def _compare(bin_id: str, answer: dict, want: dict) -> dict | None:
     """A mismatch record, or None when the endpoint agrees with the in-process prediction."""
     close = all(abs(answer["probabilities"].get(k, -1) - v) < 1e-3 for k, v in want["probabilities"].items())
