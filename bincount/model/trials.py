@@ -45,9 +45,11 @@ class TrialStore:
         """This run's trials by name, with those a resume cloned from the run it continues."""
         return {**self._read(self.resume_from), **self._read(self.folder)}
 
-    def history(self, exclude: str | None = None) -> list[TrialRecord]:
-        """What a trial learns from: every other trial of this search, and the warm start's."""
-        return [r for name, r in self.records().items() if name != exclude] + list(self.warm)
+    def history(self, exclude: str | None = None, records: dict[str, TrialRecord] | None = None) -> list[TrialRecord]:
+        """What a trial learns from: every other trial of this search (``records``, if already read),
+        and the warm start's."""
+        records = self.records() if records is None else records
+        return [r for name, r in records.items() if name != exclude] + list(self.warm)
 
     def put(self, record: TrialRecord) -> None:
         write_blob(join(self.folder, f"{record.name}.json"), json.dumps(record.to_dict()).encode())
@@ -94,14 +96,15 @@ def open_point(item: dict, *, defaults: dict, search: Search | None, store: Tria
     if item.get("trial") is None:
         return GridPoint(TrainConfig(**item["config"]))
     name = item["name"]
-    earlier = store.records().get(name)
+    records = store.records()  # one read of the store (on S3 a listing and a GET per trial) serves both uses
+    earlier = records.get(name)
     if earlier is not None:  # a retry, or a resumed run: go on with the same values
         params, informed_by = earlier.params, earlier.informed_by
         print(f"{name}: the values it drew before: {params}", flush=True)
     elif item.get("params") is not None:
         params, informed_by = item["params"], 0
     else:
-        history = store.history(exclude=name)
+        history = store.history(exclude=name, records=records)
         params, informed_by = suggest(search, item["trial"], history)
         print(f"{name}: drew {params} ({search.strategy}, from {informed_by} finished trials)", flush=True)
     record = TrialRecord(name=name, index=item["trial"], params=params, informed_by=informed_by, run_id=run_id)
