@@ -61,6 +61,29 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
                         help="abid-sample folder (bin-images/, metadata/)")
 
 
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """--folds, --folds-to-run, --val-fraction, --seed: the cross-validation protocol (protocol_folds)."""
+    parser.add_argument("--folds", type=int, default=3, help="k of the stratified k-fold")
+    parser.add_argument("--folds-to-run", default="", help="comma-separated fold numbers (default: all)")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="of the training folds, for validation")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the folds, the split and training")
+
+
+def protocol_folds(y, args):
+    """For each fold to run: (k, the other folds, their training and validation shares, the test fold),
+    stratified by the labels ``y`` (a tensor) and seeded by ``args.seed``."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(np.zeros(len(y)), y))
+    wanted = [int(k) for k in args.folds_to_run.split(",")] if args.folds_to_run else range(args.folds)
+    for k in wanted:
+        rest, test_idx = folds[k]
+        train_idx, val_idx = train_test_split(rest, test_size=args.val_fraction, random_state=args.seed,
+                                              stratify=y[rest].numpy())
+        yield k, rest, train_idx, val_idx, test_idx
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Stratified k-fold accuracy, RMSE and per-class recall on the 1-5 photos of abid-sample: "
@@ -68,10 +91,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_argument(parser)
     parser.add_argument("--grid", type=Path, default=DEFAULT_GRID, help="the recipe: a grid JSON file")
-    parser.add_argument("--folds", type=int, default=3, help="k of the stratified k-fold")
-    parser.add_argument("--folds-to-run", default="", help="comma-separated fold numbers (default: all)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="of the training folds, for validation")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the folds, the split and training")
+    add_protocol_arguments(parser)
     parser.add_argument("--set", dest="overrides", type=_assignment, action="append", default=[],
                         metavar="KEY=VALUE", help="override a training setting in every grid point")
     parser.add_argument("--select", dest="select", type=_assignment, action="append", default=[],
@@ -224,7 +244,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import numpy as np
     import torch
-    from sklearn.model_selection import StratifiedKFold, train_test_split
+    from sklearn.model_selection import train_test_split
 
     from bincount.data.images import decode_all
     from bincount.model.grid import expand_grid, select_config
@@ -247,13 +267,9 @@ def main(argv=None) -> int:
     if not args.no_baseline:
         features = frozen_features(x if size == BASELINE_SIZE else decode_all(raws, BASELINE_SIZE,
                                                                               desc=f"decoding at {BASELINE_SIZE} px"))
-    folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(np.zeros(len(y)), y))
-    wanted = [int(k) for k in args.folds_to_run.split(",")] if args.folds_to_run else range(args.folds)
-    results = {"recipe": [], "baseline": []}
-    for k in wanted:
-        rest, test_idx = folds[k]
-        train_idx, val_idx = train_test_split(rest, test_size=args.val_fraction, random_state=args.seed,
-                                              stratify=y[rest].numpy())
+    results, wanted = {"recipe": [], "baseline": []}, []
+    for k, rest, train_idx, val_idx, test_idx in protocol_folds(y, args):
+        wanted.append(k)
         if args.train_fraction < 1:
             train_idx, _ = train_test_split(train_idx, train_size=args.train_fraction, random_state=args.seed,
                                             stratify=y[train_idx].numpy())

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import (CLASSES, REPO_ROOT, _assignment, add_data_argument, load_dataset,  # noqa: E402
-                      run_recipe, scores)
+from accuracy import (CLASSES, REPO_ROOT, _assignment, add_data_argument, add_protocol_arguments,  # noqa: E402
+                      load_dataset, protocol_folds, run_recipe, scores)
 
 DEFAULT_SEARCH = REPO_ROOT / "flows" / "grids" / "search.json"
 DEFAULT_RECIPE = REPO_ROOT / "flows" / "grids" / "default.json"
@@ -45,10 +45,7 @@ def parse_args(argv=None):
     add_data_argument(parser)
     parser.add_argument("--grid", type=Path, default=DEFAULT_SEARCH, help="the search: a grid JSON with a search block")
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="what it must beat: a grid JSON")
-    parser.add_argument("--folds", type=int, default=3, help="k of the stratified k-fold")
-    parser.add_argument("--folds-to-run", default="", help="comma-separated fold numbers (default: all)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="of the training folds, for validation")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the folds, the split and training")
+    add_protocol_arguments(parser)
     parser.add_argument("--trials", type=int, default=0, help="override the search's trial count")
     parser.add_argument("--set", dest="overrides", type=_assignment, action="append", default=[],
                         metavar="KEY=VALUE", help="override a default of both grids (e.g. image_size=128)")
@@ -97,9 +94,7 @@ def run_search(grid: dict, x, y, train_idx, val_idx, test_idx, seed: int, record
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import numpy as np
     import torch
-    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     from bincount.data.images import decode_all
     from bincount.model.grid import expand_grid, grid_search, select_config
@@ -123,14 +118,9 @@ def main(argv=None) -> int:
         ids, raws, counts = ids[:args.limit], raws[:args.limit], counts[:args.limit]
     y = torch.tensor([CLASSES.index(c) for c in counts])
     x = decode_all(raws, size, desc=f"decoding at {size} px")
-    folds = list(StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(np.zeros(len(y)), y))
-    wanted = [int(k) for k in args.folds_to_run.split(",")] if args.folds_to_run else range(args.folds)
     results = {"recipe": [], "search": []}
     with tempfile.TemporaryDirectory(prefix="bincount-search-") as work:
-        for k in wanted:
-            rest, test_idx = folds[k]
-            train_idx, val_idx = train_test_split(rest, test_size=args.val_fraction, random_state=args.seed,
-                                                  stratify=y[rest].numpy())
+        for k, _, train_idx, val_idx, test_idx in protocol_folds(y, args):
             print(f"fold {k}: {len(train_idx)} train, {len(val_idx)} validation, {len(test_idx)} test photos")
             base = run_recipe(recipe, select_config(recipe_grid), x, y, train_idx, val_idx, test_idx, args.seed)
             found = run_search(search_grid, x, y, train_idx, val_idx, test_idx, args.seed, Path(work) / f"fold{k}")
