@@ -222,6 +222,7 @@ class BinCountFlow(FlowSpec):
         """Keep the best grid point by validation accuracy (or the best few, averaged), and a table of all;
         name the points that failed after their retries."""
         from bincount.flow.failures import FAILURE_VAR, check_outcomes, sort_outcomes
+        from bincount.flow.storage import discard_checkpoints
         from bincount.model.grid import select_config
         from bincount.model.selection import choose_model, results_table
         from bincount.model.train import TrainResult
@@ -250,6 +251,7 @@ class BinCountFlow(FlowSpec):
         # Two editable cards, so each is named (the grid card's type is in metaflow_extensions/).
         cards.join_card(current.card["report"], self)
         cards.grid_card(current.card["grid"], self)
+        print(f"removed {discard_checkpoints(self, current)} training checkpoint(s): every grid point has ended")
         self.next(self.evaluate)
 
     @card(type="blank", id="report")

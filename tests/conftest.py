@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,8 +47,19 @@ DATASTORE = Path(tempfile.mkdtemp(prefix="bincount-tests-"))
 os.environ.setdefault("METAFLOW_USER", "tests")
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(DATASTORE)
 os.environ["BINCOUNT_CACHE"] = str(DATASTORE / "cache")
+# the Client's copies of artifacts (/tmp/metaflow_client by default: 400 MB a suite, never removed)
+os.environ["METAFLOW_CLIENT_CACHE_PATH"] = str(DATASTORE / "client-cache")
 os.environ.setdefault("BINCOUNT_ABID_SAMPLE", str(REPO.parent / "shared" / "abid-sample"))
 _import_metaflow_runner_without_its_typing_patch()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the suite's datastore (runs, shards, checkpoints: gigabytes) unless asked to keep it
+    for a look at what a failing test left (BINCOUNT_KEEP_TEST_DATASTORE=1)."""
+    if os.environ.get("BINCOUNT_KEEP_TEST_DATASTORE") == "1":
+        print(f"\nthe suite's datastore is kept in {DATASTORE}")
+        return
+    shutil.rmtree(DATASTORE, ignore_errors=True)
 
 
 def abid_sample_path() -> Path | None:

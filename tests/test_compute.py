@@ -157,6 +157,13 @@ def check_s3_run(run, failed_run, s3_endpoint, env, s3_client, monkeypatch):
         for task in step:
             for artifact in task:
                 assert not holds_photo(artifact.data), f"{artifact.pathspec} holds photo bytes"
+    # Checkpoints: the resumed run's tiny-b went on from the failed run's, which stays that run's;
+    # the resumed run's own were deleted by its join.
+    def checkpoints(run_id):
+        prefix = f"metaflow/bincount-checkpoints/BinCountFlow/{run_id}/"
+        return [o["Key"] for o in s3_client.list_objects_v2(Bucket="mf-datastore", Prefix=prefix).get("Contents", [])]
+
+    assert checkpoints(failed_run.id) and not checkpoints(run.id)
 
 
 def holds_photo(value, depth: int = 0) -> bool:

@@ -13,7 +13,7 @@ import requests
 
 from bincount.model.train import FAIL_ENV
 
-from conftest import TINY_GRID, free_port, resume_flow, run_flow, sample_files, upload_tree
+from conftest import DATASTORE, TINY_GRID, free_port, resume_flow, run_flow, sample_files, upload_tree
 
 pytestmark = pytest.mark.flow
 
@@ -45,6 +45,9 @@ def test_a_run_keeps_every_artifact_a_user_reads(synthetic_run):
     # each branch's own curves are on its task too
     branches = {t.data.scores["config"]["name"]: t for t in synthetic_run["train"]}
     assert set(branches) == {"tiny-a", "tiny-b"} and len(branches["tiny-a"].data.history) == 6
+    # the join deleted the points' checkpoints: both had ended, their best weights are artifacts
+    assert "removed 2 training checkpoint(s)" in synthetic_run["join"].task.stdout
+    assert not (DATASTORE / ".bincount-checkpoints" / "BinCountFlow" / synthetic_run.id).exists()
 
 
 def test_a_run_s_photos_are_in_shards_that_its_index_describes(synthetic_run):

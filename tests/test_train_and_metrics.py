@@ -118,6 +118,28 @@ def test_a_fit_that_fails_goes_on_from_its_checkpoint_and_ends_as_one_that_never
     assert resumed.val_probabilities == uninterrupted.val_probabilities
 
 
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_run_s_checkpoints_go_as_one_tree_and_nothing_beside_them(where, tmp_path, request, monkeypatch):
+    """What the join calls once every grid point has ended (bincount.flow.storage.discard_checkpoints):
+    every object under the run's checkpoint folder goes, a run whose id starts the same stays."""
+    from bincount.data.blobs import join, list_blobs, remove_tree, write_blob
+
+    if where == "s3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
+        request.getfixturevalue("s3_client").create_bucket(Bucket="checkpoints")
+        root = "s3://checkpoints/bincount-checkpoints/BinCountFlow"
+    else:
+        root = str(tmp_path / "bincount-checkpoints" / "BinCountFlow")
+    for point in ("tiny-a", "tiny-b"):
+        write_blob(join(root, "17", "train", point, "checkpoint.pt"), b"state")
+    write_blob(join(root, "170", "train", "tiny-a", "checkpoint.pt"), b"another run's state")
+
+    assert remove_tree(join(root, "17")) == 2
+    assert list_blobs(join(root, "17", "train", "tiny-a")) == []
+    assert list_blobs(join(root, "170", "train", "tiny-a")) == [join(root, "170", "train", "tiny-a", "checkpoint.pt")]
+    assert remove_tree(join(root, "17")) == 0  # already gone: nothing to do, no error
+
+
 def test_a_checkpoint_of_other_settings_is_refused(synthetic_split, tmp_path):
     from bincount.model.checkpoint import CheckpointMismatch, Checkpoints
 

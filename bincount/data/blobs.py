@@ -95,3 +95,27 @@ def list_blobs(folder: str) -> list[str]:
     bucket, prefix = split_s3(folder)
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/", Delimiter="/")
     return sorted(f"s3://{bucket}/{o['Key']}" for page in pages for o in page.get("Contents", []))
+
+
+def remove_tree(folder: str) -> int:
+    """Delete ``folder`` (a folder or an ``s3://`` prefix) and everything under it; the number of
+    objects it held (0 where it does not exist)."""
+    if not is_s3(folder):
+        import shutil
+
+        count = sum(len(files) for _, _, files in os.walk(folder))
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        return count
+    bucket, prefix = split_s3(folder)
+    client = s3_client()
+    count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]  # at most 1,000: one DeleteObjects
+        if keys:
+            answer = client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise OSError(f"s3://{bucket}/{first['Key']}: could not delete ({first.get('Message')})")
+            count += len(keys)
+    return count

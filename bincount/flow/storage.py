@@ -58,6 +58,19 @@ def checkpoints_for(flow, current, grid_point: str):
     return Checkpoints(folder(current.run_id), resume_from=folder(origin) if origin else None)
 
 
+def discard_checkpoints(flow, current) -> int:
+    """Delete the running run's training checkpoints; the number of files removed.
+
+    A checkpoint only lets a failed or killed train task go on where it stopped. Once the join
+    has gathered every grid point, each train task has ended and its best weights are an
+    artifact, and a ``resume`` clones those tasks rather than training them again: the
+    checkpoints are dead weight (with Adam's moments, about four times the model, per point).
+    The checkpoints of the run this one resumed are that run's, and stay."""
+    from bincount.data.blobs import remove_tree
+
+    return remove_tree(run_root(flow, CHECKPOINTS_DIR, current.flow_name, current.run_id))
+
+
 def trials_for(flow, current, warm: list[dict] = ()):
     """The trial records of the running task's search: this run's, the resumed run's (a resume clones
     finished trials without rerunning them), and ``warm``, records from a --warm-start run."""
