@@ -502,6 +502,23 @@ def test_region_comes_from_the_environment(monkeypatch):
     assert tgt.image_uri == "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/pytorch-inference:2.6.0-cpu-py312"
 
 
+def test_the_endpoint_s_image_is_the_sdk_s_for_its_processor_and_the_serving_version():
+    """Serving's image comes from the same lookup as training's (bincount.aws.containers), its own scope."""
+    from sagemaker.core import image_uris
+
+    from bincount.aws.containers import framework_version
+
+    version = framework_version("inference")
+    for instance_type, processor in (("ml.m5.large", "cpu"), ("ml.g4dn.xlarge", "gpu")):
+        tgt = SageMakerTarget.from_config({"role_arn": ROLE, "bucket": BUCKET, "region": "eu-west-1",
+                                           "instance_type": instance_type})
+        assert tgt.image_uri == image_uris.retrieve(framework="pytorch", region="eu-west-1", version=version,
+                                                    instance_type=instance_type, image_scope="inference")
+        assert f"pytorch-inference:{version}-{processor}-" in tgt.image_uri
+    with pytest.raises(ValueError, match="ml.inf1.xlarge.*no default inference image.*set image_uri"):
+        SageMakerTarget.from_config({"role_arn": ROLE, "bucket": BUCKET, "instance_type": "ml.inf1.xlarge"})
+
+
 # --- names and waiting ---------------------------------------------------------
 
 @pytest.mark.parametrize("endpoint, run_id", [("bincount", "1732200000123456"), ("e" * 63, "argo-bincountflow-x_y.z"),

@@ -653,7 +653,8 @@ def test_settings_defaults():
     s = settings_from_config({"role": ROLE, "bucket": BUCKET, "region": "eu-west-1"})
     assert (s.instance_type, s.instance_count, s.use_spot, s.max_wait_s, s.s3_prefix, s.torchrun) == \
         ("ml.g5.xlarge", 1, False, None, "bincount/training", False)
-    assert s.image_uri == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
+    assert s.image_uri.startswith("763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:")
+    assert "-gpu-py3" in s.image_uri
     spot = settings_from_config({"role": ROLE, "bucket": BUCKET, "use_spot": True, "max_runtime_s": 600,
                                  "instance_count": 2})
     assert (spot.max_wait_s, spot.torchrun, spot.wait_limit_s) == (1200, True, 1200 + 3600)
@@ -664,15 +665,26 @@ def test_settings_defaults():
 
 @pytest.mark.parametrize("region, instance_type", [("us-east-1", "ml.g5.xlarge"), ("eu-west-1", "ml.m5.2xlarge"),
                                                    ("cn-north-1", "ml.p3.2xlarge"), ("af-south-1", "ml.c5.xlarge")])
-def test_default_image_matches_the_sdk_image_table(region, instance_type):
+def test_default_image_is_the_sdk_s_for_the_newest_version_not_newer_than_torch(region, instance_type):
+    import torch
     from sagemaker.core import image_uris
 
-    from bincount.aws.containers import DLC_PYTHON, DLC_VERSION
+    from bincount.aws.containers import framework_version
 
-    want = image_uris.retrieve(framework="pytorch", region=region, version=DLC_VERSION, py_version=DLC_PYTHON,
-                               instance_type=instance_type, image_scope="training")
-    assert settings_from_config({"role": ROLE, "bucket": BUCKET, "region": region,
-                                 "instance_type": instance_type}).image_uri == want
+    version = framework_version("training")
+    listed = [v for v in image_uris.list_versions("pytorch", "training") if v.count(".") == 2]
+    minor = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
+    assert minor(version) <= minor(torch.__version__)
+    assert all(minor(v) > minor(torch.__version__) or minor(v) <= minor(version) for v in listed)  # the newest such
+    want = image_uris.retrieve(framework="pytorch", region=region, version=version, instance_type=instance_type,
+                               image_scope="training")
+    got = settings_from_config({"role": ROLE, "bucket": BUCKET, "region": region, "instance_type": instance_type})
+    processor = "gpu" if instance_type.startswith(("ml.g", "ml.p")) else "cpu"
+    assert got.image_uri == want and f":{version}-{processor}-" in want
+    older = settings_from_config({"role": ROLE, "bucket": BUCKET, "region": region, "instance_type": instance_type,
+                                  "framework_version": "2.3.0"})
+    assert older.image_uri == image_uris.retrieve(framework="pytorch", region=region, version="2.3.0",
+                                                  instance_type=instance_type, image_scope="training")
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -686,6 +698,7 @@ def test_default_image_matches_the_sdk_image_table(region, instance_type):
     ({"instance_count": True}, "instance_count = True: input should be a valid integer"),
     ({"instance_type": "g5.xlarge"}, "not a SageMaker instance type"),
     ({"instance_type": "ml.trn1.2xlarge"}, "no default training image.*set image_uri"),
+    ({"framework_version": "1.99.0"}, "no default training image for PyTorch 1.99.0.*Unsupported.*set image_uri"),
     ({"max_wait_s": 7200}, "max_wait_s applies only to spot"),
     ({"use_spot": True, "max_runtime_s": 3600, "max_wait_s": 60}, "at least max_runtime_s"),
     ({"max_runtime_s": 0}, "max_runtime_s = 0: input should be greater than or equal to 1"),

@@ -42,7 +42,7 @@ from pydantic import Field
 from pydantic import dataclasses as checked
 
 from bincount.aws.clients import default_region, session
-from bincount.aws.containers import inference_image_uri
+from bincount.aws import containers
 from bincount.aws.errors import AwsError, aws_call
 from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.metadata import ModelMeta
@@ -75,7 +75,8 @@ class SageMakerTarget:
     endpoint_name: str = "bincount"
     instance_type: str = "ml.m5.large"
     instance_count: Annotated[int, Field(ge=1)] = 1
-    image_uri: str = ""  # empty: the PyTorch inference container for `region`
+    image_uri: str = ""  # empty: the AWS PyTorch inference container for region and instance type
+    framework_version: str = ""  # of that container; empty: the newest the SDK lists, not newer than torch here
     region: str = field(default_factory=default_region)
     wait_timeout_s: Annotated[float, Field(gt=0)] = 1800
     # image/jpeg is how clients call the endpoint; application/json sends the
@@ -88,7 +89,8 @@ class SageMakerTarget:
             raise ValueError(f"endpoint_name {self.endpoint_name!r}: up to {NAME_MAX} letters, digits and "
                              "hyphens, starting with a letter or digit")
         if not self.image_uri:  # frozen: fill the default the only way allowed
-            object.__setattr__(self, "image_uri", inference_image_uri(self.region))
+            object.__setattr__(self, "image_uri", containers.image_uri("inference", self.region, self.instance_type,
+                                                                       self.framework_version))
         object.__setattr__(self, "prefix", self.prefix.strip("/"))
 
     @classmethod

@@ -50,8 +50,9 @@ from pydantic import Field
 from pydantic import dataclasses as checked
 
 from bincount.aws.clients import default_region, session
+from bincount.aws import containers
 from bincount.aws.containers import TRAINING_REQUIREMENTS as CONTAINER_REQUIREMENTS
-from bincount.aws.containers import requirements_txt, training_image_uri
+from bincount.aws.containers import requirements_txt
 from bincount.aws.errors import AwsError, aws_call
 from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
 from bincount.model.grid import TrainConfig
@@ -103,6 +104,7 @@ class SageMakerTrainingSettings:
     instance_type: str = "ml.g5.xlarge"
     instance_count: Annotated[int, Field(ge=1)] = 1
     image_uri: str = ""  # empty: the AWS PyTorch training container for region and instance type
+    framework_version: str = ""  # of that container; empty: the newest the SDK lists, not newer than torch here
     distributed: Literal["auto", "torchrun", "none"] = "auto"  # auto: torchrun when instance_count > 1;
     # torchrun: also one multi-GPU instance
     use_spot: bool = False
@@ -117,7 +119,8 @@ class SageMakerTrainingSettings:
             raise ValueError(f"instance_type {self.instance_type!r} is not a SageMaker instance type "
                              "(like ml.g5.xlarge)")
         if not self.image_uri:
-            object.__setattr__(self, "image_uri", training_image_uri(self.region, self.instance_type))
+            object.__setattr__(self, "image_uri", containers.image_uri("training", self.region, self.instance_type,
+                                                                       self.framework_version))
         if self.use_spot and self.max_wait_s is None:
             object.__setattr__(self, "max_wait_s", min(2 * self.max_runtime_s, MAX_RUNTIME_LIMIT_S))
         object.__setattr__(self, "s3_prefix", self.s3_prefix.strip("/"))
