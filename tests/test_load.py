@@ -50,6 +50,31 @@ def png_of(jpeg: bytes) -> bytes:
     return buf.getvalue()
 
 
+def pixels_of(jpeg: bytes):
+    """The photo as a client decodes it before sending NPY: height x width x 3, uint8."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+def npy(array) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)  # allow: a bad case sends a pickled array on purpose
+    return buf.getvalue()
+
+
+def npy_declaring(shape: tuple) -> bytes:
+    """An NPY header claiming ``shape`` of uint8, with no pixels after it."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A valid-looking PNG of a few dozen bytes whose header declares width x height pixels."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -84,11 +109,24 @@ def good_cases(jpegs: list[bytes]) -> list[Case]:
                       {"Content-Type": "application/json; charset=utf-8"}, 200, batch))
     cases.append(Case("json bare list", json.dumps([b64(r) for r in jpegs[:2]]).encode(),
                       {"Content-Type": "application/json", "Accept": "*/*"}, 200, jpegs[:2]))
+    # NPY: a photo's pixels answer as its file does; a batch is one array (same-sized photos)
+    as_npy = {"Content-Type": "application/x-npy"}
+    cases.append(Case("npy image", npy(pixels_of(jpegs[0])), as_npy, 200, [jpegs[0]]))
+    cases.append(Case("npy batch", npy(np_stack([pixels_of(r) for r in jpegs[5:8]])), as_npy, 200, jpegs[5:8]))
+    cases.append(Case("csv answer", jpegs[1], {"Content-Type": "image/jpeg", "Accept": "text/csv"}, 200, [jpegs[1]]))
+    cases.append(Case("npy as csv", npy(pixels_of(jpegs[2])), {**as_npy, "Accept": "text/csv"}, 200, [jpegs[2]]))
     return cases
+
+
+def np_stack(arrays):
+    import numpy as np
+
+    return np.stack(arrays)
 
 
 def bad_cases(jpeg: bytes) -> list[Case]:
     image, as_json = {"Content-Type": "image/jpeg"}, {"Content-Type": "application/json"}
+    npy_type = {"Content-Type": "application/x-npy"}
     bomb = png_declaring(30_000, 30_000)
     return [
         Case("text as jpeg", b"this is not a photo", image, 400, message="not an image"),
@@ -110,9 +148,21 @@ def bad_cases(jpeg: bytes) -> list[Case]:
         Case("base64 of text", json.dumps([b64(b"hello")]).encode(), as_json, 400, message="instance 0 is not an image"),
         Case("65 images", json.dumps(["x"] * 65).encode(), as_json, 413, message="at most 64 images"),
         Case("wants html", jpeg, {"Content-Type": "image/jpeg", "Accept": "text/html"}, 406, message="can only answer"),
+        Case("npy of floats", npy(pixels_of(jpeg) / 255.0), npy_type, 400, message="send uint8 pixels"),
+        Case("npy pickled", npy(np_array_of_objects()), npy_type, 400, message="type is object"),
+        Case("npy truncated", npy(pixels_of(jpeg))[:-100], npy_type, 400, message="bytes of pixels"),
+        Case("npy of text", b"this is not an array", npy_type, 400, message="not an NPY array"),
+        Case("npy claiming 10 Gpx", npy_declaring((100_000, 100_000, 3)), npy_type, 413, message="pixels each"),
+        Case("npy channels first", npy_declaring((3, 96, 96)), npy_type, 400, message="channels, last"),
         Case("GET invocations", None, {}, 405, method="GET"),
         Case("unknown path", jpeg, image, 404, path="/predict"),
     ]
+
+
+def np_array_of_objects():
+    import numpy as np
+
+    return np.array([{"pickled": "object"}], dtype=object)
 
 
 def oversized_case() -> Case:
@@ -160,6 +210,16 @@ def send_all(url: str, cases: list[Case], clients: int, deadline_s: float) -> tu
     return outcomes, time.perf_counter() - start
 
 
+def answers_in(o: Outcome) -> list[dict]:
+    """A 200's predictions, from JSON, or from CSV lines (count, then each count's probability in
+    the model's class order) where the request asked for CSV."""
+    if o.case.headers.get("Accept") != "text/csv":
+        return json.loads(o.text)["predictions"]
+    classes = [str(c) for c in range(1, 6)]  # the tiny model's
+    rows = [line.split(",") for line in o.text.splitlines()]
+    return [{"count": int(row[0]), "probabilities": dict(zip(classes, map(float, row[1:])))} for row in rows]
+
+
 def problems(outcomes: list[Outcome], expected: dict[bytes, dict]) -> list[str]:
     """Everything wrong with the answers: wrong status, missing message, wrong count."""
     found = []
@@ -168,7 +228,7 @@ def problems(outcomes: list[Outcome], expected: dict[bytes, dict]) -> list[str]:
         if o.status != o.case.status:
             found.append(f"expected {o.case.status}; {where}")
         elif o.status == 200:
-            answers = json.loads(o.text)["predictions"]
+            answers = answers_in(o)
             want = [expected[raw] for raw in o.case.images]
             if [a["count"] for a in answers] != [w["count"] for w in want] or any(
                     abs(a["probabilities"][k] - v) > 1e-3 for a, w in zip(answers, want)
@@ -213,7 +273,7 @@ def test_endpoint_under_load_answers_good_and_bad_requests_correctly(tiny_model,
     assert statuses[0] == 0, [o.text for o in outcomes if o.status == 0][:5]
     found = problems(outcomes, expected)
     assert not found, f"{len(found)} wrong answers, e.g. {found[:5]}"
-    assert {c.name for c in bad_cases(b"x")} <= {o.case.name for o in outcomes}, "a bad case was never sent"
+    assert {c.name for c in bad_cases(jpegs[0])} <= {o.case.name for o in outcomes}, "a bad case was never sent"
     assert ping.status_code == 200 and alive
     assert "Traceback" not in log, log[-3000:]
 

@@ -17,13 +17,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode(raw: bytes, size: int):
-    """JPEG/PNG bytes -> uint8 tensor (3, size, size)."""
+def decode(raw, size: int):
+    """JPEG/PNG bytes, or a decoded uint8 array (height x width [x 1, 3 or 4 channels]),
+    -> uint8 tensor (3, size, size). An array of a photo's pixels gives what its file gives."""
     import numpy as np
     import torch
     from PIL import Image
 
-    with Image.open(io.BytesIO(raw)) as image:
+    with Image.fromarray(raw) if isinstance(raw, np.ndarray) else Image.open(io.BytesIO(raw)) as image:
         image = image.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     # The same values as torchvision's pil_to_tensor, but contiguous: copying its
     # channels-first view into a batch cost 1.3 ms a photo at 224 px, numpy's copy 0.25.

@@ -10,10 +10,21 @@ A model folder holds ``model.pt`` (the weights) and ``model.json`` (a
 :class:`bincount.model.metadata.ModelMeta`: architecture, classes, image size,
 ensemble members, flip TTA, decision rule, run id), checked when it is loaded.
 
-Requests: one image (``image/jpeg``, ``image/png``, ``application/x-image``), or
+Requests: one image (``image/jpeg``, ``image/png``, ``application/x-image``),
 ``application/json`` ``{"instances": [{"b64": "..."}, ...]}`` (a bare list of
-base64 strings also works). Response: ``{"predictions": [{"count", "probabilities",
-"run_id"}, ...]}``.
+base64 strings also works), or ``application/x-npy``: a decoded image as NumPy
+writes it (``np.save``), uint8, height x width (greyscale) or height x width x
+channels (1, 3 or 4, last), or a batch of them (N x height x width x channels).
+SageMaker's PyTorch serving toolkit accepts JSON and NPY by default, so a client
+written for it can send either. Responses (``Accept``): ``application/json``
+``{"predictions": [{"count", "probabilities", "run_id"}, ...]}`` (the default), or
+``text/csv``, a line per image without a header: the count, then the probability
+of each count in the model's class order (``model.json``'s ``classes``).
+
+Errors are :class:`RequestError`, with bincount's message and an HTTP status. Where
+SageMaker's inference toolkit is installed (its containers, ``--deploy-target
+local-toolkit``), RequestError is also the toolkit's own error type, so the toolkit
+answers with that status instead of turning every exception into a 500.
 
 Only JPEG and PNG are decoded, whatever else Pillow could read (another format
 gets 415). An image may have at most MAX_IMAGE_PIXELS pixels and a request
@@ -27,6 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import csv
 import io
 import json
 from pathlib import Path
@@ -36,6 +48,8 @@ from bincount.model.predictor import Predictor, load_predictor
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "application/x-image"}
 JSON_TYPE = "application/json"
+NPY_TYPE = "application/x-npy"
+CSV_TYPE = "text/csv"
 FORMATS = ("JPEG", "PNG")  # what the endpoint documents; Image.open tries no other decoder
 # A bin photo is about 0.2 Mpx (about 480x430) and the model sees 224x224 or less:
 # 8 Mpx per image leaves 40x room (a 3264x2448 phone photo fits), and 16 Mpx per request
@@ -61,12 +75,26 @@ OTHER_FORMATS = [
 ]
 
 
-class RequestError(ValueError):
-    """A bad request: the message says what was wrong; ``status`` is its HTTP code."""
+try:  # SageMaker's inference toolkit: its containers, and --deploy-target local-toolkit
+    from sagemaker_inference.errors import GenericInferenceToolkitError as _ToolkitError
+except ImportError:  # bincount's own server only
+    class _ToolkitError(Exception):
+        pass
+
+
+class RequestError(ValueError, _ToolkitError):
+    """A bad request: the message says what was wrong; ``status`` is its HTTP code.
+
+    Also the toolkit's error type where it is installed: its Transformer answers any other
+    exception with a 500, and this one with ``status_code`` and ``message``."""
 
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        ValueError.__init__(self, message)
+        self.status = self.status_code = status
+        self.message = self.phrase = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # --- SageMaker PyTorch serving contract -------------------------------------
@@ -84,29 +112,43 @@ def predict_fn(input_data: list[bytes], model: Predictor) -> list[dict]:
     return model.predict_bytes(input_data)
 
 
+# What each Accept entry (parameters dropped) is answered with.
+ANSWERS = {JSON_TYPE: JSON_TYPE, "application/*": JSON_TYPE, "*/*": JSON_TYPE, CSV_TYPE: CSV_TYPE, "text/*": CSV_TYPE}
+
+
 def check_accept(accept: str | None) -> str:
-    """The response type for an Accept header, or RequestError 406.
+    """The response type for an Accept header (the first entry bincount can answer; none:
+    JSON), or RequestError 406.
 
     A server can call this before running the model, so a request it cannot
     answer costs no forward pass.
     """
-    wanted = {part.split(";")[0].strip().lower() for part in (accept or JSON_TYPE).split(",")}
-    if not wanted & {JSON_TYPE, "application/*", "*/*"}:
-        raise RequestError(f"can only answer {JSON_TYPE}, not {accept!r}", 406)
-    return JSON_TYPE
+    wanted = [part.split(";")[0].strip().lower() for part in (accept or JSON_TYPE).split(",")]
+    answer = next((ANSWERS[w] for w in wanted if w in ANSWERS), None)
+    if answer is None:
+        raise RequestError(f"can only answer {JSON_TYPE} or {CSV_TYPE}, not {accept!r}", 406)
+    return answer
 
 
 def output_fn(prediction: list[dict], accept: str = JSON_TYPE) -> str:
-    check_accept(accept)
+    if check_accept(accept) == CSV_TYPE:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(
+            [p["count"], *p["probabilities"].values()] for p in prediction)
+        return out.getvalue()
     return json.dumps({"predictions": prediction})
 
 
 # --- Reading a request ---------------------------------------------------------------
 
 def read_images(request_body: bytes, request_content_type: str, *, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                max_request_pixels: int = MAX_REQUEST_PIXELS) -> list[bytes]:
+                max_request_pixels: int = MAX_REQUEST_PIXELS) -> list:
     """A request's images, each checked to be a complete JPEG or PNG within the pixel limits,
-    or RequestError. An image is returned as it came, except a 16-bit one: as an 8-bit PNG."""
+    or RequestError. An image is returned as it came, except a 16-bit one: as an 8-bit PNG;
+    an NPY request's images are uint8 arrays (height x width x channels), which
+    bincount.data.images.decode takes as it takes encoded ones."""
+    if _media_type(request_content_type) == NPY_TYPE:
+        return read_arrays(request_body, max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels)
     encoded = _encoded_images(request_body, request_content_type)
     with contextlib.ExitStack() as opened:
         # Every header first: a request over its budget is refused before any pixel is decoded.
@@ -118,16 +160,20 @@ def read_images(request_body: bytes, request_content_type: str, *, max_image_pix
         return [_checked(image, raw, what) for image, (what, raw) in zip(images, encoded)]
 
 
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
 def _encoded_images(request_body: bytes, request_content_type: str) -> list[tuple[str, bytes]]:
     """(what to call it in an error, its bytes) for each image of a request."""
-    content_type = (request_content_type or "").split(";")[0].strip().lower()
+    content_type = _media_type(request_content_type)
     if isinstance(request_body, str):
         request_body = request_body.encode()
     if content_type in IMAGE_TYPES:
         return [("the request body", request_body)]
     if content_type != JSON_TYPE:
         raise RequestError(f"unsupported content type {request_content_type!r}; send one of "
-                           f"{sorted(IMAGE_TYPES | {JSON_TYPE})}", 415)
+                           f"{sorted(IMAGE_TYPES | {JSON_TYPE, NPY_TYPE})}", 415)
     try:
         payload = json.loads(request_body)
     except (ValueError, RecursionError) as e:  # also: bad UTF-8, over-long integers, deep nesting
@@ -206,3 +252,51 @@ def _eight_bit_png(image) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8)).save(out, format="PNG", compress_level=1)
     return out.getvalue()
+
+
+def read_arrays(request_body: bytes, *, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                max_request_pixels: int = MAX_REQUEST_PIXELS) -> list:
+    """The images of an ``application/x-npy`` body, as uint8 arrays (height x width x channels),
+    or RequestError.
+
+    Everything is checked from the NPY header before the data is read: ``np.load`` would first
+    allocate whatever shape a header claims, so a 100-byte body could ask for gigabytes. Pickled
+    (object) arrays are never loaded.
+    """
+    import numpy as np
+    from numpy.lib import format as npy
+
+    if isinstance(request_body, str):
+        request_body = request_body.encode("latin-1")
+    body = io.BytesIO(request_body)
+    try:
+        version = npy.read_magic(body)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(body)
+    except (ValueError, EOFError) as e:
+        raise RequestError(f"not an NPY array: {e}") from None
+    if dtype != np.uint8:
+        raise RequestError(f"the array's type is {dtype}; send uint8 pixels (0-255), as decoded from a JPEG or PNG")
+    declared = tuple(shape)
+    if len(shape) == 2:
+        shape = (1, *shape, 1)
+    elif len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or shape[3] not in (1, 3, 4) or 0 in shape:
+        raise RequestError(f"the array's shape is {declared}; send height x width, height x width x channels "
+                           "or images x height x width x channels, with 1, 3 or 4 channels, last")
+    count, height, width, channels = shape
+    if count > MAX_BATCH:
+        raise RequestError(f"at most {MAX_BATCH} images per request, got {count}", 413)
+    if height * width > max_image_pixels:
+        raise RequestError(f"the array's images have {height * width:,} pixels each (limit {max_image_pixels:,} "
+                           "per image)", 413)
+    if count * height * width > max_request_pixels:
+        raise RequestError(f"the request's images have {count * height * width:,} pixels in all, over the limit of "
+                           f"{max_request_pixels:,} per request: send fewer or smaller images", 413)
+    data = request_body[body.tell():]
+    if len(data) != count * height * width * channels:
+        raise RequestError(f"the array's header says {count * height * width * channels:,} bytes of pixels, "
+                           f"the body has {len(data):,}")
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(shape, order="F" if fortran_order else "C")
+    return [image if channels > 1 else image[:, :, 0] for image in pixels]

@@ -451,7 +451,7 @@ def create_app(model, *, max_body_bytes: int = DEFAULT_MAX_BODY,
             incident = uuid.uuid4().hex[:12]
             log.exception("internal error %s answering /invocations", incident)
             return error(f"internal error (id {incident}); the server's log has the details", 500)
-        return Response(inference.output_fn(prediction, accept), media_type=inference.JSON_TYPE)
+        return Response(inference.output_fn(prediction, accept), media_type=accept)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
