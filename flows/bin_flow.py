@@ -24,7 +24,7 @@ from bincount.flow import cards
 from bincount.flow.compute import compute_from_config
 
 DEFAULT_GRID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids", "default.json")
-DEPLOY_TARGETS = ("local", "sagemaker", "none")
+DEPLOY_TARGETS = ("local", "local-toolkit", "sagemaker", "none")
 
 
 def open_bins(flow):
@@ -74,6 +74,8 @@ class BinCountFlow(FlowSpec):
                               "beyond it they stream from the shards every epoch instead.")
     deploy_target = Parameter("deploy-target", default="local",
                               help="local: package the model and check it behind a local endpoint; "
+                                   "local-toolkit: the same behind SageMaker's own PyTorch serving toolkit "
+                                   "and TorchServe, run here (pip install 'bincount[toolkit]', Java 17); "
                                    "sagemaker: create or update a SageMaker endpoint (settings from "
                                    "--config deploy PATH); none: skip deployment.")
     require_all_points = Parameter("require-all-points", default=False, type=bool, is_flag=True,

@@ -1,7 +1,8 @@
 """Deploy targets and promotion.
 
-``deploy`` sends a packaged model to ``local`` (bincount.serving.endpoint) or
-``sagemaker`` (bincount.sagemaker.endpoint) and refuses an endpoint that disagrees
+``deploy`` sends a packaged model to ``local`` or ``local-toolkit`` (bincount's server or
+SageMaker's serving toolkit, here: bincount.serving.endpoint) or ``sagemaker``
+(bincount.sagemaker.endpoint) and refuses an endpoint that disagrees
 with the in-process predictions. ``promote`` is the flow's whole deploy step: the
 champion gate, the package, the deployment and the champion tag, as one decision.
 """
@@ -20,7 +21,7 @@ from bincount.serving.endpoint import EndpointError, deploy_local
 
 def deploy(target: str, package: bytes, meta: ModelMeta | dict, images: dict[str, bytes], expected: dict[str, dict],
            config: dict | None = None) -> dict:
-    """Deploy ``package`` to ``target`` (``local`` or ``sagemaker``) and smoke-test it.
+    """Deploy ``package`` to ``target`` (``local``, ``local-toolkit`` or ``sagemaker``) and smoke-test it.
 
     Raises EndpointError when the endpoint answers differently from the
     in-process predictions in ``expected``.
@@ -30,8 +31,8 @@ def deploy(target: str, package: bytes, meta: ModelMeta | dict, images: dict[str
 
         report = deploy_to_sagemaker(package, meta, SageMakerTarget.from_config(config or {}),
                                      smoke_images=images, expected=expected)
-    elif target == "local":
-        report = deploy_local(package, images, expected)
+    elif target in ("local", "local-toolkit"):
+        report = deploy_local(package, images, expected, server="toolkit" if target == "local-toolkit" else "bincount")
     else:
         raise ValueError(f"unknown deploy target {target!r}")
     if report["smoke_test"]["mismatches"]:

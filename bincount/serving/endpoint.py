@@ -1,17 +1,20 @@
 """A local endpoint for a packaged model: start it, check it, stop it.
 
-``start_local_endpoint`` extracts model.tar.gz and starts
-``bincount.serving.server`` from it in a subprocess (its ``code/`` first on the
-import path, as SageMaker would); ``smoke_test`` sends it test images over
-HTTP, checks its answers against in-process predictions and records latency.
-``deploy_local`` is both, the ``local`` deploy target. The server never
-outlives the process that started it, nor does its work folder
+``start_local_endpoint`` extracts model.tar.gz and starts a server for it in a
+subprocess: ``bincount.serving.server`` from the package's own ``code/`` (first on
+the import path, as SageMaker would), or, with ``server="toolkit"``, SageMaker's own
+PyTorch serving toolkit and TorchServe (bincount.serving.toolkit). ``smoke_test`` sends
+it test images over HTTP, checks its answers against in-process predictions and records
+latency. ``deploy_local`` is both: the ``local`` and ``local-toolkit`` deploy targets.
+The server never outlives the process that started it, nor does its work folder
 (bincount.serving.lifetime).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,12 +22,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from bincount.serving.lifetime import EXIT_WITH_PARENT_ENV, WORKDIR_ENV, WORKDIR_PREFIX, remove_workdir
 from bincount.serving.package import extract_package
 
 STARTUP_TIMEOUT_S = 300  # loading and timing an ensemble on a busy CPU takes a while
 REQUEST_TIMEOUT_S = 30
+Server = Literal["bincount", "toolkit"]
 
 
 class EndpointError(RuntimeError):
@@ -66,12 +71,22 @@ class LocalEndpoint:
     model_dir: Path
     log_path: Path
     workdir: Path | None = None  # removed by stop(); None when the caller's folder was given
+    server: Server = "bincount"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.server == "toolkit":  # Java and its Python workers: the process group it leads
+            from bincount.serving.toolkit import GRACE_S, kill_group
+
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)  # the toolkit passes it on to TorchServe
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(GRACE_S)
+            kill_group(self.process.pid)  # whatever is left of the tree
+            self.process.wait()
+        elif self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(10)
@@ -90,34 +105,46 @@ class LocalEndpoint:
 
 
 def start_local_endpoint(package: bytes, *, port: int | None = None, workdir: str | Path | None = None,
-                         timeout: float = STARTUP_TIMEOUT_S) -> LocalEndpoint:
+                         timeout: float = STARTUP_TIMEOUT_S, server: Server = "bincount") -> LocalEndpoint:
     """Extract ``package`` and serve it on 127.0.0.1; return once /ping answers.
 
+    ``server``: bincount's own (bincount.serving.server), or SageMaker's serving toolkit
+    (bincount.serving.toolkit; EndpointError where it cannot run here, saying why).
     Without ``workdir``, the package and the server's log go to a new temporary folder
     named ``bincount-endpoint-*``, removed when the endpoint stops or the process that
     started it ends; a ``workdir`` given is the caller's, and kept.
     """
     import requests
 
+    if server == "toolkit":
+        from bincount.serving import toolkit
+
+        if reason := toolkit.missing():
+            raise EndpointError(reason)
     owned = None if workdir else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     workdir = Path(workdir or owned)
     try:
-        model_dir = extract_package(package, workdir / "model")
+        model_dir = extract_package(package, workdir / "model")  # the toolkit's /opt/ml/model: <workdir>/model
     except BaseException:
         remove_workdir(owned)
         raise
     port = port or free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(model_dir / "code"), os.environ.get("PYTHONPATH", "")]),
-               **{EXIT_WITH_PARENT_ENV: str(os.getpid()), WORKDIR_ENV: str(owned or "")})
+    env = dict(os.environ, **{EXIT_WITH_PARENT_ENV: str(os.getpid()), WORKDIR_ENV: str(owned or "")})
+    if server == "toolkit":
+        args = toolkit.command(workdir)
+        env.update(toolkit.environment(workdir, port, free_port()))
+    else:
+        args = [sys.executable, "-m", "bincount.serving.server", "--model-dir", str(model_dir), "--port", str(port)]
+        env["PYTHONPATH"] = os.pathsep.join([str(model_dir / "code"), os.environ.get("PYTHONPATH", "")])
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         # stdin is the pipe that ties the server's life to this process: only this process
         # holds its write end (Popen's pipes are not inherited by other children), and it
         # writes nothing to it; the server stops when it closes (bincount.serving.lifetime).
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bincount.serving.server", "--model-dir", str(model_dir), "--port", str(port)],
-            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    endpoint = LocalEndpoint(f"http://127.0.0.1:{port}", process, model_dir, log_path, owned)
+        # The toolkit's server is a tree (Java, Python workers): a process group of its own.
+        process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   cwd=workdir, start_new_session=server == "toolkit")
+    endpoint = LocalEndpoint(f"http://127.0.0.1:{port}", process, model_dir, log_path, owned, server)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -154,11 +181,13 @@ def smoke_test(url: str, images: dict[str, bytes], expected: dict[str, dict]) ->
             "latency_ms_mean": float(np.mean(latencies))}
 
 
-def deploy_local(package: bytes, images: dict[str, bytes], expected: dict[str, dict]) -> dict:
-    """The ``local`` target: serve the package, smoke-test it against in-process answers, stop it."""
+def deploy_local(package: bytes, images: dict[str, bytes], expected: dict[str, dict],
+                 server: Server = "bincount") -> dict:
+    """The ``local`` (bincount's server) and ``local-toolkit`` (SageMaker's serving toolkit)
+    targets: serve the package, smoke-test it against in-process answers, stop it."""
     import hashlib
 
-    with start_local_endpoint(package) as endpoint:
+    with start_local_endpoint(package, server=server) as endpoint:
         report = smoke_test(endpoint.url, images, expected)
-    return {"url": endpoint.url, "package_sha256": hashlib.sha256(package).hexdigest(),
+    return {"url": endpoint.url, "server": server, "package_sha256": hashlib.sha256(package).hexdigest(),
             "package_bytes": len(package), "smoke_test": report}

@@ -84,13 +84,16 @@ def _stop(parent_pid: int, workdir: str | None) -> None:
     os._exit(0)
 
 
-def exit_with_parent_if_asked() -> None:
+def exit_with_parent_if_asked(stop=None) -> None:
     """In a server started by start_local_endpoint: stop when the starting process ends.
 
     Does nothing unless ``EXIT_WITH_PARENT_ENV`` is set. Call it early in the
     server's main(): loading and timing a model can take minutes, and a parent
-    that dies meanwhile must not leave the server behind.
+    that dies meanwhile must not leave the server behind. ``stop(parent_pid, workdir)``
+    replaces the default way of stopping (a server with processes of its own, such as
+    TorchServe's, stops them too).
     """
+    stop = stop or _stop
     parent = os.environ.pop(EXIT_WITH_PARENT_ENV, "")
     workdir = os.environ.pop(WORKDIR_ENV, None)  # popped: neither is meant for processes the server starts
     if not parent.isdigit():
@@ -98,6 +101,6 @@ def exit_with_parent_if_asked() -> None:
 
     def watch() -> None:
         parent_gone(int(parent), 0)  # fd 0: start_local_endpoint makes the pipe the server's stdin
-        _stop(int(parent), workdir)
+        stop(int(parent), workdir)
 
     threading.Thread(target=watch, name="bincount-exit-with-parent", daemon=True).start()
