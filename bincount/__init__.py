@@ -7,12 +7,15 @@ layers listed above it, never one below (tests/test_layers.py checks):
     aws        boto3 plumbing: client factory, errors, settings checks, container images
     data       sources, synthetic data, fetching, splitting, photos as tensors
     model      architectures, grids, training, ensembles, metrics
-    serving    the inference handler, the local server, model.tar.gz, local endpoints
-    sagemaker  SageMaker training jobs and endpoints
+    serving    the inference handler, the local server and its data capture, model.tar.gz,
+               local endpoints (bincount's server, or SageMaker's serving toolkit)
+    sagemaker  SageMaker training jobs, tuning jobs and endpoints
     flow       the Metaflow glue: compute config, deploy targets, champion, runs, cards
-    audit, cli flagging bins whose photo disagrees with their record; the command line
+    audit      flagging bins whose photo disagrees with their record
+    monitor    captured traffic against a run: drift, least confident photos
+    cli        the command line
 
-Only ``flow`` (and ``audit`` and ``cli`` above it) import Metaflow.
+Only ``flow`` (and ``audit``, ``monitor`` and ``cli`` above it) import Metaflow.
 """
 
 __version__ = "0.2.0"  # 0.2: the library in layers (module paths changed)

@@ -30,7 +30,9 @@ wrong; where wrong records are rarer it is lower. Its 95% Wilson interval
 (counting each bin once) shows how much the estimate can be trusted.
 
 Counts outside the model's classes (0 or 7 for a 1-5 model) cannot be judged:
-such bins are listed as *not judged* with the reason. Unusable objects
+such bins are listed as *not judged* with the reason, and so are bins a source
+knows have no record by design (``Source.not_judged_reason``: a captured photo
+whose request gave no ``expected_quantity``, with ``--source capture:PATH``). Unusable objects
 (missing or malformed metadata, missing or non-image photos) are listed as
 *bad* with the reason ``fetch_subset`` gave. Nothing is dropped silently.
 
@@ -322,10 +324,13 @@ def score_bins(source: Source, predictor, threshold: float, *, candidate_ids: li
     # keeps those counts apart: they are records the model cannot judge.
     for bin_id, reason in subset.skipped:
         count = subset.out_of_class.get(bin_id)
+        unrecorded = source.not_judged_reason(bin_id)  # a captured photo sent without a count, say
         if count is not None:
             rows[bin_id] = _row(bin_id, NOT_JUDGED, expected=count,
                                 reason=f"expected count {count} is outside the model's classes "
                                        f"{describe_classes(classes)}")
+        elif unrecorded:
+            rows[bin_id] = _row(bin_id, NOT_JUDGED, reason=unrecorded)
         else:
             rows[bin_id] = _row(bin_id, BAD, reason=reason)
     part = AuditPart()

@@ -1,4 +1,4 @@
-"""The bincount command: serve, query, score and audit the models the flow trains."""
+"""The bincount command: serve, query, score, audit and monitor the models the flow trains."""
 
 from __future__ import annotations
 
@@ -156,9 +156,35 @@ def _audit(args) -> int:
     return 1 if report.flagged() else 0
 
 
+MAX_PROBLEMS_PRINTED = 20  # skipped capture lines on stderr; all of them are in summary.json
+
+
+def _cmd_monitor(args) -> int:
+    """0: no drift; 1: drift; 2: error (from main, like every command's)."""
+    from bincount import monitor
+
+    settings = monitor.Settings(bucket=args.bucket, psi_threshold=args.psi_threshold, alpha=args.alpha,
+                                relabel=args.relabel)
+    run = _chosen_run(args, sys.stdout)
+    report = monitor.run_monitor(args.capture, run, settings, progress=not args.quiet)
+    for problem in report.problems[:MAX_PROBLEMS_PRINTED]:
+        print(f"capture: skipped {problem}", file=sys.stderr)
+    if len(report.problems) > MAX_PROBLEMS_PRINTED:
+        print(f"capture: ... and {len(report.problems) - MAX_PROBLEMS_PRINTED} more skipped (all in summary.json)",
+              file=sys.stderr)
+    others = report.answered_by_others()
+    if others:
+        print(f"monitor: {sum(others.values())} captured answers came from other model runs than {run.id}: {others}",
+              file=sys.stderr)
+    paths = monitor.write_report(report, args.out)
+    print(monitor.verdict_line(report))
+    print(f"report: {paths['html']}  table: {paths['csv']}  summary: {paths['summary']}")
+    return 1 if report.drift else 0
+
+
 # argparse prints this as it is: plain text, not the docstring's reStructuredText.
 DESCRIPTION = """\
-Serve, query, score and audit the models that the bincount flow trains.
+Serve, query, score, audit and monitor the models that the bincount flow trains.
 Training itself is the flow: python flows/bin_flow.py run --help"""
 
 
@@ -213,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Writes audit.csv, audit.html (self-contained) and summary.json to --out.",
         epilog="exit status: 0 nothing flagged, 1 some bin flagged, 2 error")
     audit.add_argument("--source", required=True,
-                       help="s3://bucket[/prefix], a local folder in the bucket layout, or 'synthetic'")
+                       help="s3://bucket[/prefix], a local folder in the bucket layout, 'synthetic', or capture:PATH "
+                            "(the photos of captured endpoint requests, PATH a folder or s3:// prefix; each photo's "
+                            "record is its request's custom attribute expected_quantity=N)")
     audit.add_argument("--ids", help="only these bins: a Udacity file_list.json, or a text file with one id a line")
     _add_run_choice(audit, what="model run")
     audit.add_argument("--target-precision", type=float, default=0.9,
@@ -222,6 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="parallel downloads")
     audit.add_argument("--quiet", action="store_true", help="no progress bars")
     audit.set_defaults(func=_cmd_audit)
+
+    from bincount.monitor import BUCKETS, DEFAULT_ALPHA, DEFAULT_BUCKET, DEFAULT_PSI_THRESHOLD, DEFAULT_RELABEL
+
+    monitor = sub.add_parser(
+        "monitor", help="compare an endpoint's captured traffic with its model run: drift, confidence, what to relabel",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read the requests an endpoint captured (bincount serve --capture-dir, or a SageMaker\n"
+                    "endpoint's data capture) and compare their predictions with the model run's answers on\n"
+                    "its test split: the predicted counts by their population stability index (drift at\n"
+                    "PSI >= --psi-threshold, where a chi-square test also gives p < --alpha) and the\n"
+                    "confidences (highest probability) by a Kolmogorov-Smirnov test (drift at p < --alpha),\n"
+                    "overall and per hour or day. Lists the least confident photos, worth relabelling.\n"
+                    "Capture lines or files that cannot be read are skipped and listed by file and line.\n"
+                    "Writes monitor.html (self-contained), monitor.csv and summary.json to --out.",
+        epilog="exit status: 0 no drift, 1 drift, 2 error")
+    monitor.add_argument("--capture", required=True, metavar="PATH",
+                         help="the capture folder (--capture-dir of the local endpoint) or an s3:// prefix "
+                              "(a SageMaker endpoint's capture_s3_uri, or below it), read recursively")
+    _add_run_choice(monitor, what="model run")
+    monitor.add_argument("--bucket", choices=sorted(BUCKETS), default=DEFAULT_BUCKET,
+                         help="time buckets of the report, in UTC (default: %(default)s)")
+    monitor.add_argument("--psi-threshold", type=float, default=DEFAULT_PSI_THRESHOLD,
+                         help="PSI of the predicted counts from which they have drifted (default: %(default)s)")
+    monitor.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                         help="significance level of the chi-square and KS tests (default: %(default)s)")
+    monitor.add_argument("--relabel", type=int, default=DEFAULT_RELABEL,
+                         help="least confident photos listed with a thumbnail (default: %(default)s)")
+    monitor.add_argument("--out", default="monitor-report", help="folder for the report (default: %(default)s)")
+    monitor.add_argument("--quiet", action="store_true", help="no progress bars")
+    monitor.set_defaults(func=_cmd_monitor)
     return parser
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from serving_helpers import wait_until
 
 from bincount.serving.endpoint import start_local_endpoint
 from bincount.serving.lifetime import WORKDIR_PREFIX, remove_workdir
@@ -70,15 +71,6 @@ def refuses(url: str) -> bool:
     except ConnectionRefusedError:
         return True
     return False
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 # A parent that returns or raises without stopping its endpoint ends the same way as far as the

@@ -16,7 +16,7 @@ import bincount
 
 LIBRARY = Path(bincount.__file__).resolve().parent
 # Lowest first. A module may import its own layer and any layer listed before it.
-LAYERS = ["validation", "aws", "data", "model", "serving", "sagemaker", "flow", "audit", "cli"]
+LAYERS = ["validation", "aws", "data", "model", "serving", "sagemaker", "flow", "audit", "monitor", "cli"]
 WITHOUT_METAFLOW = ["validation", "aws", "data", "model", "serving", "sagemaker"]
 
 

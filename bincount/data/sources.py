@@ -6,23 +6,32 @@ A *source* is anything laid out like the public bucket ``s3://aft-vbi-pds``::
     <root>/metadata/<id>.json
 
 It can be the public bucket itself (anonymous access), any ``s3://`` URL on an
-S3-compatible endpoint (``AWS_ENDPOINT_URL``), a local folder, or ``synthetic``
-(generated images written to a local folder). Everything downstream reads
+S3-compatible endpoint (``AWS_ENDPOINT_URL``), a local folder, ``synthetic``
+(generated images written to a local folder), or ``capture:PATH``: the photos of
+requests an endpoint captured (:class:`CaptureSource`). Everything downstream reads
 through :class:`Source`, so real and test data share one code path.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
+import sys
+import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from bincount.aws.clients import MAX_ATTEMPTS, client_config
-from bincount.data.layout import METADATA_DIR, PUBLIC_BUCKET
+from bincount.data.captures import (CUSTOM_ATTRIBUTES_HEADER, EXPECTED_QUANTITY, SUFFIX, BadCapture, CapturedEvent,
+                                    CaptureProblem, expected_counts, is_capture_file, parse_file, photo_id,
+                                    request_photos)
+from bincount.data.layout import IMAGE_DIR, METADATA_DIR, PUBLIC_BUCKET, image_key, metadata_key
 
 READ_TIMEOUT_S = 20  # one photo or one listing page; longer is a stalled endpoint
 # botocore's standard mode waits rand(0, 1) * min(0.05 s * 2 ** i, 20 s) before retry i of a transient
@@ -80,6 +89,12 @@ class Source:
     def check(self) -> None:
         """Raise :class:`SourceUnreachable` with a clear message if unusable."""
         raise NotImplementedError
+
+    def not_judged_reason(self, bin_id: str) -> str | None:
+        """Why a bin has no record to judge it against, where the source knows it has none by design
+        (a captured photo whose request gave no expected count); None: a bin whose record is missing
+        or broken is a bad object, as usual."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -237,18 +252,196 @@ class S3Source(Source):
         return UnreadableObject(key, why)
 
     def list_ids(self) -> Iterator[str]:
+        for key in self.list_keys(f"{METADATA_DIR}/"):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(".json"):
+                yield name[: -len(".json")]
+
+    def list_keys(self, under: str = "") -> Iterator[str]:
+        """Every key below the source's prefix and then ``under``, recursively, relative to the
+        prefix (what :meth:`read` takes). A failed listing is the source's failure."""
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{METADATA_DIR}/")
-        iterator = iter(pages)
+        iterator = iter(paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{under}"))
         while (page := self._call(next, iterator, None)) is not None:
             for obj in page.get("Contents", []):
-                name = obj["Key"].rsplit("/", 1)[-1]
-                if name.endswith(".json"):
-                    yield name[: -len(".json")]
+                yield obj["Key"][len(self.prefix):]
 
     def check(self) -> None:
         self._call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=f"{self.prefix}{METADATA_DIR}/",
                    MaxKeys=1)
+
+
+# --- captured endpoint traffic ----------------------------------------------------
+
+class CaptureError(ValueError):
+    """The capture location as a whole cannot be read (not there, nothing in it)."""
+
+
+class CaptureFiles:
+    """The capture files under a local folder or an S3 prefix, read recursively."""
+
+    url: str
+
+    def names(self) -> list[str]:
+        """Every complete capture file, in name order (for a SageMaker layout: by endpoint, then time)."""
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+
+class LocalCaptureFiles(CaptureFiles):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.url = str(self.root)
+        if not self.root.is_dir():
+            raise CaptureError(f"--capture {self.url!r}: no such folder (give the folder the endpoint captures to, "
+                               "as --capture-dir, or an s3:// prefix)")
+
+    def names(self) -> list[str]:
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob(f"*{SUFFIX}")
+                      if p.is_file() and is_capture_file(p.name))
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+
+class S3CaptureFiles(CaptureFiles):
+    """An S3 prefix (SageMaker's DestinationS3Uri, or below it), through :class:`S3Source`:
+    bounded timeouts and retries; AWS_ENDPOINT_URL for an S3-compatible server."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self._source = S3Source(self.url)
+
+    def names(self) -> list[str]:
+        return sorted(key for key in self._source.list_keys() if is_capture_file(key))
+
+    def read(self, name: str) -> bytes:
+        return self._source.read(name)
+
+
+def open_captures(spec: str) -> CaptureFiles:
+    """A ``--capture`` value: ``s3://bucket/prefix`` or a local folder."""
+    spec = str(spec)
+    return S3CaptureFiles(spec) if spec.startswith("s3://") else LocalCaptureFiles(spec)
+
+
+def iter_captures(files: CaptureFiles, *, progress: bool = True) -> Iterator[CapturedEvent | CaptureProblem]:
+    """Every captured event under ``files``, file by file (one file in memory at a time), and a
+    CaptureProblem for each line or file skipped."""
+    from bincount.data.progress import progress_bar
+
+    names = files.names()
+    for name in progress_bar(names, desc="reading captures", unit=" files", disable=not progress):
+        try:
+            raw = files.read(name)
+        except SourceUnreachable:
+            raise
+        except Exception as e:  # noqa: BLE001 - one file that cannot be read is that file's problem
+            yield CaptureProblem(name, 0, f"cannot read: {describe_error(e)}")
+            continue
+        yield from parse_file(name, raw)
+
+
+CAPTURE_PREFIX = "capture:"
+
+
+class CaptureSource(Source):
+    """The photos of the requests an endpoint captured (``capture:PATH``; PATH is the folder the
+    local endpoint captures to or an ``s3://`` prefix SageMaker captures to), as a bin source: each
+    photo is a bin, named by its request's eventId (``<eventId>:<n>`` for photo n of a request with
+    several), whose record is the request's ``expected_quantity`` custom attribute
+    (bincount.data.captures.expected_counts).
+
+    A photo whose request gave no expected count has nothing to be judged against: the audit lists
+    it as *not judged* with that reason (:meth:`not_judged_reason`), never as bad and never dropped.
+    Capture lines or files that cannot be read are printed, by file and line, and kept in ``problems``.
+
+    On first use every capture file is read once, and its photos and records are written into a
+    temporary folder in the bucket layout (under the cache folder, removed with this object), which
+    is then read like any local mirror: photos are spooled to disk rather than held in memory.
+    """
+
+    def __init__(self, spec: str, *, progress: bool = True):
+        self.spec = spec
+        self.url = f"{CAPTURE_PREFIX}{spec}"
+        self.progress = progress
+        self.problems: list[CaptureProblem] = []
+        self._not_judged: dict[str, str] = {}
+        self._ids: list[str] = []
+        self._local: LocalSource | None = None
+        self._lock = threading.Lock()
+
+    def _spooled(self) -> LocalSource:
+        with self._lock:  # fetch_subset reads from many threads
+            if self._local is None:
+                self._local = self._spool()
+            return self._local
+
+    def _spool(self) -> LocalSource:
+        try:
+            files = open_captures(self.spec)
+            if not files.names():
+                raise CaptureError(f"no capture files (*.jsonl) under {files.url}")
+        except CaptureError as e:
+            raise SourceUnreachable(f"{self.url}: {e}") from None
+        cache = default_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="captured-", dir=cache))
+        weakref.finalize(self, shutil.rmtree, str(root), True)
+        (root / IMAGE_DIR).mkdir()
+        (root / METADATA_DIR).mkdir()
+        for item in iter_captures(files, progress=self.progress):
+            self._add(root, item)
+        return LocalSource(root)
+
+    def _add(self, root: Path, item: CapturedEvent | CaptureProblem) -> None:
+        def problem(found) -> None:
+            self.problems.append(found)
+            print(f"capture: skipped {found}", file=sys.stderr)
+
+        if isinstance(item, CaptureProblem):
+            return problem(item)
+        if item.request is None:
+            return problem(CaptureProblem(item.file, item.line, "the request was not captured (capture mode "
+                                                                "output only): no photo"))
+        try:
+            photos = request_photos(item.request)
+        except BadCapture as e:
+            return problem(CaptureProblem(item.file, item.line, str(e)))
+        expected = expected_counts(item.custom_attributes, len(photos))
+        for i, raw in enumerate(photos):
+            bin_id = photo_id(item, i, len(photos))
+            if (root / metadata_key(bin_id)).exists():
+                problem(CaptureProblem(item.file, item.line, f"eventId {item.event_id!r} captured twice: kept the "
+                                                             "first"))
+                continue
+            record = {"capture": {"eventId": item.event_id, "inferenceId": item.inference_id,
+                                  "inferenceTime": item.time.isoformat(), "customAttributes": item.custom_attributes,
+                                  "file": item.file, "line": item.line}}
+            if isinstance(expected, str):
+                self._not_judged[bin_id] = expected
+            elif expected[i] is None:
+                self._not_judged[bin_id] = f"no {EXPECTED_QUANTITY} in the request's {CUSTOM_ATTRIBUTES_HEADER}"
+            else:
+                record["EXPECTED_QUANTITY"] = expected[i]
+            (root / image_key(bin_id)).write_bytes(raw)
+            (root / metadata_key(bin_id)).write_text(json.dumps(record))
+            self._ids.append(bin_id)
+
+    def read(self, key: str) -> bytes:
+        return self._spooled().read(key)
+
+    def list_ids(self) -> Iterator[str]:
+        self._spooled()
+        yield from list(self._ids)  # in capture order: by file, then line
+
+    def check(self) -> None:
+        self._spooled()
+
+    def not_judged_reason(self, bin_id: str) -> str | None:
+        return self._not_judged.get(bin_id)
 
 
 def describe_error(error: BaseException) -> str:
@@ -268,8 +461,11 @@ def open_source(spec: str, *, classes: list[int] | None = None, seed: int = 0,
     """Turn a ``--source`` value into a :class:`Source`.
 
     ``synthetic`` generates a labelled set (deterministic for ``seed``) under
-    the cache folder, then reads it back like any local mirror.
+    the cache folder, then reads it back like any local mirror. ``capture:PATH``
+    reads the photos of captured endpoint requests (:class:`CaptureSource`).
     """
+    if spec.startswith(CAPTURE_PREFIX):
+        return CaptureSource(spec[len(CAPTURE_PREFIX):])
     if spec == "synthetic":
         from bincount.data.synthetic import DEFAULT_PER_CLASS, write_synthetic_source
 
@@ -284,6 +480,6 @@ def open_source(spec: str, *, classes: list[int] | None = None, seed: int = 0,
     path = Path(spec).expanduser()
     if not path.exists():
         raise SourceUnreachable(
-            f"--source {spec!r} is neither an s3:// URL, 'synthetic', nor an existing folder."
+            f"--source {spec!r} is neither an s3:// URL, 'synthetic', 'capture:PATH', nor an existing folder."
         )
     return LocalSource(path.resolve())

@@ -24,6 +24,13 @@ the AWS CLI command that finishes the job.
 Settings come from a JSON file given to the flow as ``--config deploy PATH``
 (see ``flows/deploy/sagemaker.example.json``); :meth:`SageMakerTarget.from_config`
 checks it before anything is trained.
+
+Data capture: with ``capture_s3_uri`` set, the endpoint config carries a
+``DataCaptureConfig``: SageMaker then writes ``capture_percent`` % of the requests
+(``capture_mode``: the requests, the answers, or both) under
+``<capture_s3_uri>/<endpoint_name>/AllTraffic/yyyy/mm/dd/hh/``, JSON and CSV bodies as
+text and photos as base64, the format the local endpoint's ``--capture-dir`` writes
+(bincount.data.captures), which ``bincount monitor`` and the audit read.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from bincount.aws.clients import default_region, session
 from bincount.aws import containers
 from bincount.aws.errors import AwsError, aws_call
 from bincount.aws.settings import check_bucket_name, check_not_placeholder, check_role_arn
+from bincount.data.captures import CSV_CONTENT_TYPES, JSON_CONTENT_TYPES
 from bincount.model.metadata import ModelMeta
 from bincount.serving.endpoint import EndpointError
 from bincount.validation import STRICT, build
@@ -57,6 +65,10 @@ READ_TIMEOUT_S = 60  # an invocation of a cold endpoint can take a while
 # SageMaker resource names: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}
 NAME_MAX = 63
 NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+
+# What each capture_mode asks SageMaker to capture (DataCaptureConfig.CaptureOptions).
+CAPTURE_OPTIONS = {"input": ["Input"], "output": ["Output"], "both": ["Input", "Output"]}
+S3_URI_RE = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
 
 IN_PROGRESS = {"Creating", "Updating", "SystemUpdating", "RollingBack"}
 FAILED = {"Failed", "UpdateRollbackFailed", "OutOfService", "Deleting"}
@@ -83,11 +95,20 @@ class SageMakerTarget:
     # same image base64-encoded ({"instances": [{"b64": ...}]}), which the
     # handler also accepts, for servers that cannot take binary bodies (moto).
     smoke_content_type: Literal["image/jpeg", "application/json"] = "image/jpeg"
+    # Data capture (DataCaptureConfig): where (empty: off), what share of requests (SageMaker takes a
+    # whole percentage), and which side of each: the request, the answer or both.
+    capture_s3_uri: str = ""
+    capture_percent: Annotated[int, Field(ge=0, le=100)] = 100
+    capture_mode: Literal["input", "output", "both"] = "both"
 
     def __post_init__(self):
         if not NAME_RE.match(self.endpoint_name):
             raise ValueError(f"endpoint_name {self.endpoint_name!r}: up to {NAME_MAX} letters, digits and "
                              "hyphens, starting with a letter or digit")
+        if self.capture_s3_uri and not S3_URI_RE.match(self.capture_s3_uri):
+            raise ValueError(f"capture_s3_uri {self.capture_s3_uri!r}: expected s3://bucket/prefix, or empty for "
+                             "no data capture")
+        object.__setattr__(self, "capture_s3_uri", self.capture_s3_uri.rstrip("/"))
         if not self.image_uri:  # frozen: fill the default the only way allowed
             object.__setattr__(self, "image_uri", containers.image_uri("inference", self.region, self.instance_type,
                                                                        self.framework_version))
@@ -162,11 +183,28 @@ def create_model(sagemaker, name: str, target: SageMakerTarget, model_data_url: 
               ExecutionRoleArn=target.role_arn)
 
 
+def data_capture_config(target: SageMakerTarget) -> dict | None:
+    """CreateEndpointConfig's DataCaptureConfig for ``target``, or None when it captures nothing.
+
+    The content-type header lists are bincount's JSON and CSV types, so SageMaker keeps those
+    bodies as text (encoding JSON/CSV) and base64-encodes photos, as the local endpoint does.
+    """
+    if not target.capture_s3_uri:
+        return None
+    return {"EnableCapture": True, "InitialSamplingPercentage": target.capture_percent,
+            "DestinationS3Uri": target.capture_s3_uri,
+            "CaptureOptions": [{"CaptureMode": mode} for mode in CAPTURE_OPTIONS[target.capture_mode]],
+            "CaptureContentTypeHeader": {"JsonContentTypes": list(JSON_CONTENT_TYPES),
+                                         "CsvContentTypes": list(CSV_CONTENT_TYPES)}}
+
+
 def create_endpoint_config(sagemaker, name: str, model_name: str, target: SageMakerTarget) -> None:
+    capture = data_capture_config(target)
     _aws_call(f"creating endpoint config {name}", sagemaker.create_endpoint_config, EndpointConfigName=name,
               ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": model_name,
                                    "InstanceType": target.instance_type,
-                                   "InitialInstanceCount": target.instance_count}])
+                                   "InitialInstanceCount": target.instance_count}],
+              **({"DataCaptureConfig": capture} if capture else {}))
 
 
 def describe_endpoint(sagemaker, name: str) -> dict | None:
@@ -447,6 +485,8 @@ def deploy_to_sagemaker(package: bytes, meta: ModelMeta | dict, target: SageMake
             "action": action, "previous_endpoint_config_name": previous, "region": target.region,
             "image_uri": target.image_uri, "instance_type": target.instance_type,
             "instance_count": target.instance_count,
+            # where `bincount monitor --capture` finds this endpoint's traffic (None: not captured)
+            "capture": (f"{target.capture_s3_uri}/{target.endpoint_name}" if target.capture_s3_uri else None),
             "smoke_test": report}
 
 

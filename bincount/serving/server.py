@@ -37,6 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from bincount.serving.capture import CaptureWriter, add_capture_arguments, capture_from_arguments
 from bincount.serving.handler import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS
 
 DEFAULT_PORT = 8080
@@ -349,7 +350,8 @@ def _decode_request(predictor, body: bytes, content_type: str, limits: Limits):
 
 def create_app(model, *, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_batch_size: int | str = DEFAULT_MAX_BATCH_SIZE,
-               max_batch_delay_ms: float = DEFAULT_MAX_BATCH_DELAY_MS, limits: Limits = Limits()):
+               max_batch_delay_ms: float = DEFAULT_MAX_BATCH_DELAY_MS, limits: Limits = Limits(),
+               capture: CaptureWriter | None = None):
     """The ASGI app for ``model``: a model folder, or an already loaded Predictor.
 
     ``max_batch_size`` "auto" times the model and picks the fastest size (see
@@ -359,7 +361,9 @@ def create_app(model, *, max_body_bytes: int = DEFAULT_MAX_BODY,
     counters (``app.state.stats``): forward passes, images computed, requests
     refused as busy and requests whose client left before their answer.
     Of ``limits``, the app applies the queue bound, the body timeout and the
-    pixel limits; the rest are uvicorn's (see uvicorn_settings).
+    pixel limits; the rest are uvicorn's (see uvicorn_settings). With ``capture``,
+    each answered request is handed to it (bincount.serving.capture); it is closed,
+    its last file put into place, when the app stops.
     """
     import anyio
     import torch
@@ -451,7 +455,12 @@ def create_app(model, *, max_body_bytes: int = DEFAULT_MAX_BODY,
             incident = uuid.uuid4().hex[:12]
             log.exception("internal error %s answering /invocations", incident)
             return error(f"internal error (id {incident}); the server's log has the details", 500)
-        return Response(inference.output_fn(prediction, accept), media_type=accept)
+        response = Response(inference.output_fn(prediction, accept), media_type=accept)
+        if capture is not None:  # only queued here: it never slows or fails the answer (CaptureWriter.record)
+            capture.record(request_body=body, request_type=request.headers.get("content-type", ""),
+                           response_body=response.body, response_type=response.headers["content-type"],
+                           headers=request.headers)
+        return response
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -462,11 +471,13 @@ def create_app(model, *, max_body_bytes: int = DEFAULT_MAX_BODY,
         finally:
             if batcher:
                 await batcher.stop()
+            if capture is not None:
+                await anyio.to_thread.run_sync(capture.close)
 
     app = Starlette(routes=[Route("/ping", ping, methods=["GET"]),
                             Route("/invocations", invocations, methods=["POST"])], lifespan=lifespan)
     app.state.max_batch_size, app.state.batch_timings = max_batch_size, timings
-    app.state.stats, app.state.limits = stats, limits
+    app.state.stats, app.state.limits, app.state.capture = stats, limits, capture
     return app
 
 
@@ -547,7 +558,8 @@ def describe_batching(app, max_batch_delay_ms: float) -> str:
 
 def serve(model, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           max_body_bytes: int = DEFAULT_MAX_BODY, max_batch_size: int | str = DEFAULT_MAX_BATCH_SIZE,
-          max_batch_delay_ms: float = DEFAULT_MAX_BATCH_DELAY_MS, limits: Limits = Limits()) -> None:
+          max_batch_delay_ms: float = DEFAULT_MAX_BATCH_DELAY_MS, limits: Limits = Limits(),
+          capture: CaptureWriter | None = None) -> None:
     import uvicorn
 
     _prefer_passive_openmp()
@@ -558,10 +570,11 @@ def serve(model, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     # Loaded here, not in create_app, so that the folder is no longer needed once it is in memory.
     predictor = model if isinstance(model, inference.Predictor) else inference.model_fn(str(model))
     app = create_app(predictor, max_body_bytes=max_body_bytes, max_batch_size=max_batch_size,
-                     max_batch_delay_ms=max_batch_delay_ms, limits=limits)
+                     max_batch_delay_ms=max_batch_delay_ms, limits=limits, capture=capture)
     meta = predictor.meta
     print(f"serving run {meta.run_id} ({meta.arch}) on http://{host}:{port} "
-          f"({describe_batching(app, max_batch_delay_ms)})", flush=True)
+          f"({describe_batching(app, max_batch_delay_ms)})"
+          + (f"; {capture.describe()}" if capture else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", **uvicorn_settings(limits))
 
 
@@ -625,6 +638,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         dest = flag[2:].replace("-", "_")
         limits.add_argument(flag, type=kind, default=_env_default(parser, env, getattr(defaults, dest), kind),
                             help=f"{help_text} (default: %(default)s; ${env} sets it)")
+    add_capture_arguments(parser, _env_default)
 
 
 def limits_from_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Limits:
@@ -641,7 +655,7 @@ def serve_with_arguments(model, args: argparse.Namespace, parser: argparse.Argum
         parser.error("need --max-batch-delay-ms >= 0 and --max-body-bytes >= 1")
     serve(model, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
           max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
-          limits=limits_from_arguments(args, parser))
+          limits=limits_from_arguments(args, parser), capture=capture_from_arguments(args, parser))
 
 
 def main(argv: list[str] | None = None) -> None:
