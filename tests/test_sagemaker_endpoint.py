@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bincount.aws.containers import image_uri
 from bincount.sagemaker.endpoint import (NAME_RE, SageMakerDeployError, SageMakerTarget, deploy_to_sagemaker,
                                          make_clients, resource_name, smoke_test_sagemaker, wait_in_service)
 from bincount.serving.package import build_package
@@ -207,8 +208,8 @@ def test_first_deploy_creates_model_config_and_endpoint(s3_endpoint, monkeypatch
 
     sm = clients["sagemaker"]
     model = sm.describe_model(ModelName=report["model_name"])
-    assert model["PrimaryContainer"]["Image"] == \
-        "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312"
+    assert model["PrimaryContainer"]["Image"] == image_uri("inference", "us-east-1", "ml.m5.large")
+    assert "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:" in model["PrimaryContainer"]["Image"]
     assert model["PrimaryContainer"]["ModelDataUrl"] == report["model_data_url"]
     assert model["PrimaryContainer"]["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
     assert model["PrimaryContainer"]["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
@@ -460,7 +461,8 @@ def test_example_config_has_every_key_and_placeholders_are_refused():
     with pytest.raises(ValueError, match="placeholder"):
         SageMakerTarget.from_config(example)
     filled = SageMakerTarget.from_config({**example, "role_arn": ROLE, "bucket": "my-bucket", "region": "eu-west-1"})
-    assert filled.image_uri == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312"
+    assert filled.image_uri == image_uri("inference", "eu-west-1", "ml.m5.large")
+    assert filled.image_uri.startswith("763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:")
     assert (filled.instance_count, filled.endpoint_name, filled.prefix) == (1, "bincount", "bincount/models")
 
 
@@ -499,7 +501,8 @@ def test_region_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "cn-north-1")
     tgt = SageMakerTarget.from_config({"role_arn": "arn:aws-cn:iam::123456789012:role/r", "bucket": "b-1"})
     assert tgt.region == "cn-north-1"
-    assert tgt.image_uri == "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/pytorch-inference:2.6.0-cpu-py312"
+    assert tgt.image_uri == image_uri("inference", "cn-north-1", "ml.m5.large")
+    assert tgt.image_uri.startswith("727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/pytorch-inference:")
 
 
 def test_the_endpoint_s_image_is_the_sdk_s_for_its_processor_and_the_serving_version():

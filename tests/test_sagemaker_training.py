@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from bincount.aws.containers import framework_version, image_uri
 from bincount.data.shards import samples_in
 from bincount.model.grid import TrainConfig
 from bincount.model.train import TrainResult
@@ -376,8 +377,8 @@ def test_launch_configures_the_job_and_uploads_only_train_and_val(aws, tiny_data
     job = sm.describe_training_job(TrainingJobName=launched.name)
     base = job_base_name(prefix)
     assert launched.name.startswith(base + "-") and len(launched.name) <= 63
-    assert job["AlgorithmSpecification"]["TrainingImage"] == \
-        "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
+    assert job["AlgorithmSpecification"]["TrainingImage"] == image_uri("training", "us-east-1", "ml.g5.2xlarge")
+    assert "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:" in job["AlgorithmSpecification"]["TrainingImage"]
     assert job["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 50}
     assert job["EnableManagedSpotTraining"] is True
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 1800, "MaxWaitTimeInSeconds": 3600}
@@ -439,7 +440,8 @@ def test_launched_job_trains_from_s3_and_its_model_comes_back(aws, tiny_data, tm
                                    settings=settings(instance_type="ml.m5.xlarge"),
                                    job_prefix=f"bincount-{uuid.uuid4().hex[:6]}", session=aws, log=lambda _: None)
     job = sm.describe_training_job(TrainingJobName=launched.name)
-    assert job["AlgorithmSpecification"]["TrainingImage"].endswith("/pytorch-training:2.8.0-cpu-py312")
+    assert job["AlgorithmSpecification"]["TrainingImage"] == image_uri("training", "us-east-1", "ml.m5.xlarge")
+    assert f"/pytorch-training:{framework_version('training')}-cpu-py3" in job["AlgorithmSpecification"]["TrainingImage"]
 
     # Play the container: its channels are what the job uploaded, its hyperparameters what it stores.
     for channel in job["InputDataConfig"]:
