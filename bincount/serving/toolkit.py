@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 MODULES = ("sagemaker_pytorch_serving_container", "sagemaker_inference", "ts")
-MIN_JAVA = 11  # TorchServe 0.12's frontend
+MIN_JAVA = 17  # TorchServe 0.12 asks for JDK 17
 GRACE_S = 10.0  # how long TorchServe gets to stop before its process group is killed
 
 
