@@ -43,6 +43,7 @@ import io
 import json
 from pathlib import Path
 
+from bincount.data.captures import media_type
 from bincount.model.metadata import ModelMeta
 from bincount.model.predictor import Predictor, load_predictor
 
@@ -123,7 +124,7 @@ def check_accept(accept: str | None) -> str:
     A server can call this before running the model, so a request it cannot
     answer costs no forward pass.
     """
-    wanted = [part.split(";")[0].strip().lower() for part in (accept or JSON_TYPE).split(",")]
+    wanted = [media_type(part) for part in (accept or JSON_TYPE).split(",")]
     answer = next((ANSWERS[w] for w in wanted if w in ANSWERS), None)
     if answer is None:
         raise RequestError(f"can only answer {JSON_TYPE} or {CSV_TYPE}, not {accept!r}", 406)
@@ -147,26 +148,32 @@ def read_images(request_body: bytes, request_content_type: str, *, max_image_pix
     or RequestError. An image is returned as it came, except a 16-bit one: as an 8-bit PNG;
     an NPY request's images are uint8 arrays (height x width x channels), which
     bincount.data.images.decode takes as it takes encoded ones."""
-    if _media_type(request_content_type) == NPY_TYPE:
+    if media_type(request_content_type) == NPY_TYPE:
         return read_arrays(request_body, max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels)
     encoded = _encoded_images(request_body, request_content_type)
     with contextlib.ExitStack() as opened:
         # Every header first: a request over its budget is refused before any pixel is decoded.
         images = [opened.enter_context(_open(raw, what, max_image_pixels)) for what, raw in encoded]
-        total = sum(image.width * image.height for image in images)
-        if total > max_request_pixels:
-            raise RequestError(f"the request's images have {total:,} pixels in all, over the limit of "
-                               f"{max_request_pixels:,} per request: send fewer or smaller images", 413)
+        check_request_pixels(sum(image.width * image.height for image in images), max_request_pixels)
         return [_checked(image, raw, what) for image, (what, raw) in zip(images, encoded)]
 
 
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";")[0].strip().lower()
+def check_image_count(count: int) -> None:
+    """RequestError 413 for a request of more than MAX_BATCH images, whatever carries them."""
+    if count > MAX_BATCH:
+        raise RequestError(f"at most {MAX_BATCH} images per request, got {count}", 413)
+
+
+def check_request_pixels(total: int, max_request_pixels: int) -> None:
+    """RequestError 413 for a request whose images have more than ``max_request_pixels`` in all."""
+    if total > max_request_pixels:
+        raise RequestError(f"the request's images have {total:,} pixels in all, over the limit of "
+                           f"{max_request_pixels:,} per request: send fewer or smaller images", 413)
 
 
 def _encoded_images(request_body: bytes, request_content_type: str) -> list[tuple[str, bytes]]:
     """(what to call it in an error, its bytes) for each image of a request."""
-    content_type = _media_type(request_content_type)
+    content_type = media_type(request_content_type)
     if isinstance(request_body, str):
         request_body = request_body.encode()
     if content_type in IMAGE_TYPES:
@@ -181,8 +188,7 @@ def _encoded_images(request_body: bytes, request_content_type: str) -> list[tupl
     instances = payload.get("instances") if isinstance(payload, dict) else payload
     if not isinstance(instances, list) or not instances:
         raise RequestError('expected {"instances": [{"b64": "<base64 image>"}, ...]} with at least one image')
-    if len(instances) > MAX_BATCH:
-        raise RequestError(f"at most {MAX_BATCH} images per request, got {len(instances)}", 413)
+    check_image_count(len(instances))
     images = []
     for i, item in enumerate(instances):
         encoded = item.get("b64") if isinstance(item, dict) else item
@@ -286,14 +292,11 @@ def read_arrays(request_body: bytes, *, max_image_pixels: int = MAX_IMAGE_PIXELS
         raise RequestError(f"the array's shape is {declared}; send height x width, height x width x channels "
                            "or images x height x width x channels, with 1, 3 or 4 channels, last")
     count, height, width, channels = shape
-    if count > MAX_BATCH:
-        raise RequestError(f"at most {MAX_BATCH} images per request, got {count}", 413)
+    check_image_count(count)
     if height * width > max_image_pixels:
         raise RequestError(f"the array's images have {height * width:,} pixels each (limit {max_image_pixels:,} "
                            "per image)", 413)
-    if count * height * width > max_request_pixels:
-        raise RequestError(f"the request's images have {count * height * width:,} pixels in all, over the limit of "
-                           f"{max_request_pixels:,} per request: send fewer or smaller images", 413)
+    check_request_pixels(count * height * width, max_request_pixels)
     data = request_body[body.tell():]
     if len(data) != count * height * width * channels:
         raise RequestError(f"the array's header says {count * height * width * channels:,} bytes of pixels, "
