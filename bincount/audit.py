@@ -584,21 +584,26 @@ def render_html(report: AuditReport, *, max_thumbnails: int | None = None) -> st
 
 
 def write_report(report: AuditReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write audit.csv, audit.html and summary.json under ``out_dir``, as one set.
+    """Write audit.csv, audit.html and summary.json under ``out_dir``, as one set (:func:`write_set`)."""
+    texts = {"csv": to_csv(report.rows), "html": render_html(report),
+             "summary": json.dumps(report.summary(), indent=2) + "\n"}
+    return write_set(out_dir, texts, REPORT_FILES)
 
-    Every file is written in full to a temporary name beside its place first; only once all three
-    are written is each moved into place (``os.replace``, atomic on its own). A failure while
+
+def write_set(out_dir: str | Path, texts: dict[str, str], files: dict[str, str]) -> dict[str, Path]:
+    """``texts[name]`` into ``out_dir/files[name]`` for every name, as one set; the paths by name.
+
+    Every file is written in full to a temporary name beside its place first; only once all are
+    written is each moved into place (``os.replace``, atomic on its own). A failure while
     rendering or writing (a full disk, an error) leaves the previous set as it was and no temporary
-    behind. What remains is the moment between the first and the last of three renames, with no
-    data left to write: only a crash of the machine or process in those microseconds could leave
-    a new audit.csv beside an old summary.json. (A folder swapped by a symlink would close it, at
-    the price of links in place of files, which copies and other systems handle badly.)
+    behind. What remains is the moment between the first and the last rename, with no data left
+    to write: only a crash of the machine or process in those microseconds could leave a new
+    audit.csv beside an old summary.json. (A folder swapped by a symlink would close it, at the
+    price of links in place of files, which copies and other systems handle badly.)
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts = {"csv": to_csv(report.rows), "html": render_html(report),
-             "summary": json.dumps(report.summary(), indent=2) + "\n"}
-    paths = {name: out_dir / file for name, file in REPORT_FILES.items()}
+    paths = {name: out_dir / file for name, file in files.items()}
     temporaries: dict[str, Path] = {}
     try:
         for name, text in texts.items():

@@ -43,8 +43,6 @@ import heapq
 import html
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -568,26 +566,13 @@ def to_csv(report: MonitorReport) -> str:
 
 
 def write_report(report: MonitorReport, out_dir: str | Path) -> dict[str, Path]:
-    """monitor.html, monitor.csv and summary.json under ``out_dir``, as one set: each is written
-    in full to a temporary name beside its place, and moved into place once all three are written,
-    so a failure while writing leaves the previous set whole."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """monitor.html, monitor.csv and summary.json under ``out_dir``, as one set, as the audit
+    writes its report (bincount.audit.write_set: a failure leaves the previous set whole)."""
+    from bincount.audit import write_set
+
     texts = {"html": render_html(report), "csv": to_csv(report),
              "summary": json.dumps(report.summary(), indent=2, default=str) + "\n"}
-    paths = {name: out_dir / file for name, file in REPORT_FILES.items()}
-    temporaries: dict[str, str] = {}
-    try:
-        for name, text in texts.items():
-            fd, temporaries[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{paths[name].name}.", suffix=".tmp")
-            with open(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-        for name in list(temporaries):
-            os.replace(temporaries.pop(name), paths[name])
-    finally:
-        for temporary in temporaries.values():
-            Path(temporary).unlink(missing_ok=True)
-    return paths
+    return write_set(out_dir, texts, REPORT_FILES)
 
 
 # --- the flow's card --------------------------------------------------------------------
