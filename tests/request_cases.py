@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import requests
 
 MAX_BODY = 10 * 1024 * 1024  # bincount.serving.server's default, which start_local_endpoint uses
@@ -39,15 +40,12 @@ def png_of(jpeg: bytes) -> bytes:
 
 def pixels_of(jpeg: bytes):
     """The photo as a client decodes it before sending NPY: height x width x 3, uint8."""
-    import numpy as np
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
 
 def npy(array) -> bytes:
-    import numpy as np
-
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=True)  # allow: a bad case sends a pickled array on purpose
     return buf.getvalue()
@@ -55,8 +53,6 @@ def npy(array) -> bytes:
 
 def npy_declaring(shape: tuple) -> bytes:
     """An NPY header claiming ``shape`` of uint8, with no pixels after it."""
-    import numpy as np
-
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
     return buf.getvalue()
@@ -99,16 +95,10 @@ def good_cases(jpegs: list[bytes]) -> list[Case]:
     # NPY: a photo's pixels answer as its file does; a batch is one array (same-sized photos)
     as_npy = {"Content-Type": "application/x-npy"}
     cases.append(Case("npy image", npy(pixels_of(jpegs[0])), as_npy, 200, [jpegs[0]]))
-    cases.append(Case("npy batch", npy(np_stack([pixels_of(r) for r in jpegs[5:8]])), as_npy, 200, jpegs[5:8]))
+    cases.append(Case("npy batch", npy(np.stack([pixels_of(r) for r in jpegs[5:8]])), as_npy, 200, jpegs[5:8]))
     cases.append(Case("csv answer", jpegs[1], {"Content-Type": "image/jpeg", "Accept": "text/csv"}, 200, [jpegs[1]]))
     cases.append(Case("npy as csv", npy(pixels_of(jpegs[2])), {**as_npy, "Accept": "text/csv"}, 200, [jpegs[2]]))
     return cases
-
-
-def np_stack(arrays):
-    import numpy as np
-
-    return np.stack(arrays)
 
 
 def bad_cases(jpeg: bytes) -> list[Case]:
@@ -136,7 +126,7 @@ def bad_cases(jpeg: bytes) -> list[Case]:
         Case("65 images", json.dumps(["x"] * 65).encode(), as_json, 413, message="at most 64 images"),
         Case("wants html", jpeg, {"Content-Type": "image/jpeg", "Accept": "text/html"}, 406, message="can only answer"),
         Case("npy of floats", npy(pixels_of(jpeg) / 255.0), npy_type, 400, message="send uint8 pixels"),
-        Case("npy pickled", npy(np_array_of_objects()), npy_type, 400, message="type is object"),
+        Case("npy pickled", npy(np.array([{"pickled": "object"}], dtype=object)), npy_type, 400, message="type is object"),
         Case("npy truncated", npy(pixels_of(jpeg))[:-100], npy_type, 400, message="bytes of pixels"),
         Case("npy of text", b"this is not an array", npy_type, 400, message="not an NPY array"),
         Case("npy claiming 10 Gpx", npy_declaring((100_000, 100_000, 3)), npy_type, 413, message="pixels each"),
@@ -144,12 +134,6 @@ def bad_cases(jpeg: bytes) -> list[Case]:
         Case("GET invocations", None, {}, 405, method="GET"),
         Case("unknown path", jpeg, image, 404, path="/predict"),
     ]
-
-
-def np_array_of_objects():
-    import numpy as np
-
-    return np.array([{"pickled": "object"}], dtype=object)
 
 
 def oversized_case() -> Case:

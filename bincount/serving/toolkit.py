@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,8 +75,6 @@ def java_version(java: str) -> int | None:
 
 def environment(base_dir: Path, port: int, metrics_port: int) -> dict[str, str]:
     """What the toolkit's process needs besides this process's environment."""
-    import sys
-
     here = f"http://127.0.0.1:{port}"
     return {
         "SAGEMAKER_BASE_DIR": str(base_dir),  # the toolkit's /opt/ml
@@ -89,8 +88,6 @@ def environment(base_dir: Path, port: int, metrics_port: int) -> dict[str, str]:
 
 
 def command(base_dir: Path) -> list[str]:
-    import sys
-
     return [sys.executable, "-m", "bincount.serving.toolkit", "--base-dir", str(base_dir)]
 
 
@@ -99,8 +96,6 @@ def stop_group(parent_pid: int, workdir: str | None) -> None:
     process group), then remove the work folder (once nothing writes logs there) and end this
     process (see bincount.serving.lifetime). Runs in the watcher thread, so it signals the
     others one by one rather than the group: this process must live to clean up."""
-    import sys
-
     from bincount.serving.lifetime import remove_workdir
 
     print(f"bincount: the process that started this endpoint (pid {parent_pid}) is gone; stopping",
